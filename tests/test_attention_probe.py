@@ -249,7 +249,9 @@ def heads_view(x, heads):
 
 def assert_parity(record, entropy_all):
     """Probe entropy at its sampled (batch, head, query) == the independent one, to 1e-5."""
-    expected = entropy_all[record.batch_start :][:, record.head_index][:, :, record.token_index]
+    expected = entropy_all[record.batch_rows[0] : record.batch_rows[1]][:, record.head_index][
+        :, :, record.token_index
+    ]
     got = record.entropy.flatten(2).double()
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -276,7 +278,11 @@ def test_parity_unet_self_attention():
         probs = attn.get_attention_scores(q, k, None).double()
         entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
         record = records[layer.name]
-        assert record.batch_start == 1 and record.token_index.numel() <= 50 and record.head_index.numel() == 3
+        assert (
+            record.batch_rows == (1, 2)
+            and record.token_index.numel() <= 50
+            and record.head_index.numel() == 3
+        )
         assert_parity(record, entropy.unflatten(0, (2, attn.heads)))
 
 
@@ -328,7 +334,7 @@ def test_parity_flux_double_and_single_blocks():
         cos, sin = capture.kwargs[layer.name]["image_rotary_emb"]
         q, k = rotate_pairs(q, cos, sin).transpose(1, 2), rotate_pairs(k, cos, sin).transpose(1, 2)
         record = records[layer.name]
-        assert record.grid_hw == (12, 20) and record.batch_start == 0
+        assert record.grid_hw == (12, 20) and record.batch_rows == (0, 2)
         assert int(record.token_index.min()) >= TEXT_TOKENS  # image queries only
         assert_parity(record, explicit_entropy(q, k))
 
@@ -489,6 +495,32 @@ def test_cfg_batch_reads_the_conditional_half():
         handle.remove()
 
 
+def test_cfg_auto_and_order():
+    """ "auto" tells a CFG batch from the latent batch size; cfg_order picks the half (DiTPipeline: cond first)."""
+    unet = make_unet()
+    regions = [BOTTOM_LEFT, TOP_RIGHT]
+    handles = []
+    try:
+        with AttentionEntropyProbe(unet, layers=["*attn1"]) as probe:
+            handles = [sharpen_queries(layer.module.to_q, unet_grid, regions) for layer in probe.layers]
+            run(unet, unet_inputs(batch=2))
+            assert_highlights(probe.confidence(LATENT_HW, 1), TOP_RIGHT)
+            run(unet, unet_inputs(batch=2))
+            both = probe.confidence(LATENT_HW, 2)  # denoiser batch == latent batch: no CFG batching
+            assert_highlights(both[:1], BOTTOM_LEFT)
+            assert_highlights(both[1:], TOP_RIGHT)
+            with pytest.raises(ValueError, match="batch_size"):
+                probe.confidence(LATENT_HW)
+        with AttentionEntropyProbe(
+            unet, layers=["*attn1"], cfg_batched=True, cfg_order="cond_uncond"
+        ) as probe:
+            run(unet, unet_inputs(batch=2))
+            assert_highlights(probe.confidence(LATENT_HW, 1), BOTTOM_LEFT)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_separate_forwards_keep_the_first_one():
     """Unbatched CFG (e.g. Flux true CFG) runs cond first: the probe keeps the step's first forward."""
     unet = make_unet()
@@ -528,11 +560,11 @@ def test_layer_bypassing_sdpa_warns_once_and_returns_none():
 
 def test_no_forward_and_batch_mismatch_warn():
     unet = make_unet()
-    with AttentionEntropyProbe(unet, layers=["mid_block"]) as probe:
+    with AttentionEntropyProbe(unet, layers=["mid_block"], cfg_batched=False) as probe:
         with pytest.warns(RuntimeWarning, match="no denoiser forward"):
             assert probe.confidence(LATENT_HW, 2) is None
         run(unet, unet_inputs(batch=2))
-        with pytest.warns(RuntimeWarning, match="cfg_batched"):
+        with pytest.warns(RuntimeWarning, match="latent batch has 1"):
             assert probe.confidence(LATENT_HW, 1) is None
 
 
@@ -595,3 +627,31 @@ def test_layer_patterns():
         select_layers(unet, ["no_such_block"])
     with pytest.raises(ValueError):
         AttentionEntropyProbe(unet, ema=1.0)
+
+
+# -- benchmark function ----------------------------------------------------------------------------------------------
+
+
+def test_bench_probe_runs_on_a_tiny_unet():
+    from qsilk.attention.bench import bench_probe
+
+    tiny = make_unet().config
+    config = {
+        key: tiny[key]
+        for key in (
+            "block_out_channels",
+            "down_block_types",
+            "up_block_types",
+            "layers_per_block",
+            "cross_attention_dim",
+            "attention_head_dim",
+            "norm_num_groups",
+            "sample_size",
+            "in_channels",
+            "out_channels",
+        )
+    }
+    figures = bench_probe(height=64, width=96, unet_config=config, repeats=2)
+    assert figures["layers"] == default_layer_names(make_unet())
+    assert figures["step_seconds"] > 0 and figures["probe_seconds"] > 0
+    assert figures["probe_fraction"] == pytest.approx(figures["probe_seconds"] / figures["step_seconds"])

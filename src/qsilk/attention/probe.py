@@ -7,9 +7,10 @@ entropy of softmax(q k^T * scale + mask) for a small strided sample of queries a
 the original call with the original arguments. Processors are never swapped, so outputs are bit-identical and
 ``remove()`` only has hooks to take off.
 
-Per step the probe keeps the first denoiser forward after the last :meth:`AttentionEntropyProbe.confidence` call:
-with batched CFG that forward holds [uncond, cond] and the cond half is used; pipelines that run the branches as
-separate forwards (Flux true CFG, guiders) run the conditional one first.
+Per step the probe keeps the first denoiser forward after the last :meth:`AttentionEntropyProbe.confidence` call.
+With batched CFG that forward holds both branches and only the conditional half is used (diffusers' SD/SDXL/SD3/
+PixArt pipelines batch [uncond, cond]; its DiTPipeline batches [cond, uncond]: see ``cfg_order``). Pipelines that
+run the branches as separate forwards (Flux true CFG, guiders) run the conditional one first.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +55,10 @@ class LayerRecord:
     grid_hw: tuple[int, int]  # the layer's token grid
     token_index: Tensor  # (hs * ws,) positions of the sampled queries in the SDPA sequence (row-major sample)
     head_index: Tensor  # (heads,) sampled query heads
-    batch_start: int  # first batch row used (B/2 with CFG batching)
+    batch_rows: tuple[int, int]  # [start, stop) rows of the denoiser batch measured (the cond half with CFG)
+    cfg_pending: bool = (
+        False  # cfg_batched="auto": all rows measured, the cond half is picked by confidence()
+    )
 
     @property
     def normalized(self) -> Tensor:
@@ -74,7 +79,7 @@ class _ForwardContext:
 
     base_hw: tuple[int, int] | None = None  # latent (H, W), or Flux's packed token grid
     text_tokens: int = 0  # length of the text context joined to the image tokens (SD3, Flux)
-    cfg_batched: bool = False
+    cfg_batched: bool | None = False  # None: "auto", decided by confidence() from the latent batch size
     problem: str | None = None
 
 
@@ -108,8 +113,11 @@ class AttentionEntropyProbe:
         model: ``pipe.unet`` or ``pipe.transformer``.
         layers: module-name glob patterns (``"mid_block.*.attn1"``); None = the architecture default
             (see :func:`qsilk.attention.layers.default_layer_names`).
-        cfg_batched: whether the denoiser batch is [uncond, cond] (bool, or a callable read at each forward, e.g.
-            ``lambda: pipe.do_classifier_free_guidance``). When true, only the conditional half is read.
+        cfg_batched: whether the denoiser batch is a CFG batch, of which only the conditional half is read: a bool,
+            a callable read at each forward (e.g. ``lambda: pipe.do_classifier_free_guidance``), or ``"auto"``
+            (default): CFG-batched iff the denoiser batch is twice the ``batch_size`` given to confidence().
+        cfg_order: ``"uncond_cond"`` (diffusers' SD/SDXL/SD3/PixArt pipelines) or ``"cond_uncond"``
+            (diffusers' DiTPipeline).
 
     Args to tinker with:
         max_queries: queries sampled per layer, on an evenly strided sub-grid of the layer's token grid.
@@ -119,7 +127,7 @@ class AttentionEntropyProbe:
 
     Usage::
 
-        with AttentionEntropyProbe(pipe.unet, cfg_batched=True) as probe:
+        with AttentionEntropyProbe(pipe.unet) as probe:
             ...  # each step, after the denoiser ran:
             confidence = probe.confidence((h, w), batch_size)  # (B, 1, h, w) in [0, 1], or None
     """
@@ -132,7 +140,8 @@ class AttentionEntropyProbe:
         max_queries: int = 256,
         max_heads: int = 4,
         ema: float = 0.0,
-        cfg_batched: bool | Callable[[], bool] = False,
+        cfg_batched: bool | Callable[[], bool] | Literal["auto"] = "auto",
+        cfg_order: Literal["uncond_cond", "cond_uncond"] = "uncond_cond",
         quantiles: tuple[float, float] = (0.02, 0.98),
     ):
         if max_queries < 1 or max_heads < 1:
@@ -141,12 +150,17 @@ class AttentionEntropyProbe:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= lo < hi <= 1, got {quantiles}")
+        if cfg_order not in ("uncond_cond", "cond_uncond"):
+            raise ValueError(f"cfg_order must be 'uncond_cond' or 'cond_uncond', got {cfg_order!r}")
+        if isinstance(cfg_batched, str) and cfg_batched != "auto":
+            raise ValueError(f"cfg_batched must be a bool, a callable or 'auto', got {cfg_batched!r}")
         self.model = model
         self.layers: list[ProbeLayer] = select_layers(model, layers)
         self.max_queries = int(max_queries)
         self.max_heads = int(max_heads)
         self.ema = float(ema)
         self.cfg_batched = cfg_batched
+        self.cfg_order = cfg_order
         self.quantiles = (float(quantiles[0]), float(quantiles[1]))
         # (B, 1, H, W) normalised entropy behind the last confidence map, for diagnostics.
         self.last_entropy: Tensor | None = None
@@ -215,6 +229,8 @@ class AttentionEntropyProbe:
         """
         if not self.installed:
             raise RuntimeError("AttentionEntropyProbe.confidence() called before install()")
+        if batch_size is None and self.cfg_batched == "auto":
+            raise ValueError("cfg_batched='auto' needs the latent batch_size to tell a CFG batch apart")
         state, self._state = self._state, _StepState()
         started = time.perf_counter()
         try:
@@ -248,13 +264,13 @@ class AttentionEntropyProbe:
                 + FALLBACK_HINT,
             )
             return None
-        maps = [state.records[name].entropy_map(latent_hw) for name in self.layer_names]
-        entropy = torch.stack(maps).mean(dim=0)
+        records = [self._conditional(state.records[name], batch_size) for name in self.layer_names]
+        entropy = torch.stack([record.entropy_map(latent_hw) for record in records]).mean(dim=0)
         if batch_size is not None and entropy.shape[0] != batch_size:
             self._warn_once(
                 "batch",
-                f"AttentionEntropyProbe: the probed layers saw {entropy.shape[0]} conditional samples but the latent "
-                f"batch has {batch_size} (is cfg_batched={self._read_cfg_batched()} right?). "
+                f"AttentionEntropyProbe: the probed layers saw {entropy.shape[0]} samples but the latent batch has "
+                f"{batch_size} (cfg_batched={self.cfg_batched!r}, cfg_order={self.cfg_order!r}). "
                 + FALLBACK_HINT,
             )
             return None
@@ -269,8 +285,28 @@ class AttentionEntropyProbe:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
-    def _read_cfg_batched(self) -> bool:
+    def _read_cfg_batched(self) -> bool | None:
+        if self.cfg_batched == "auto":
+            return None
         return bool(self.cfg_batched() if callable(self.cfg_batched) else self.cfg_batched)
+
+    def _cond_half(self, start: int, stop: int) -> tuple[int, int]:
+        half = start + (stop - start) // 2
+        return (half, stop) if self.cfg_order == "uncond_cond" else (start, half)
+
+    def _conditional(self, record: LayerRecord, batch_size: int | None) -> LayerRecord:
+        """cfg_batched="auto": keep the conditional half iff the layer saw twice the latent batch."""
+        rows = record.entropy.shape[0]
+        if not record.cfg_pending or batch_size is None or rows != 2 * batch_size:
+            return record
+        start, stop = self._cond_half(0, rows)
+        return replace(
+            record,
+            entropy=record.entropy[start:stop],
+            log_num_keys=record.log_num_keys[start:stop],
+            batch_rows=(record.batch_rows[0] + start, record.batch_rows[0] + stop),
+            cfg_pending=False,
+        )
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -394,21 +430,21 @@ class AttentionEntropyProbe:
         if grid is None:
             return f"{image_tokens} image tokens fit no grid of the {context.base_hw} denoiser input"
         offset = seq - image_tokens if layer.layout == "text_first" else 0
-        batch_start = 0
+        start, stop = 0, batch
         if context.cfg_batched:
             if batch % 2:
                 return f"cfg_batched is set but the attention batch ({batch}) is odd"
-            batch_start = batch // 2
+            start, stop = self._cond_half(0, batch)
         token_index, head_index, kv_head_index, sample_hw = self._indices(
             query.device, grid, offset, heads, key.shape[1]
         )
-        q = query[batch_start:].index_select(1, head_index).index_select(2, token_index)
-        k = key[batch_start:].index_select(1, kv_head_index)
+        q = query[start:stop].index_select(1, head_index).index_select(2, token_index)
+        k = key[start:stop].index_select(1, kv_head_index)
         if mask is not None:
-            mask = torch.broadcast_to(mask, (batch, heads, seq, key.shape[-2]))[batch_start:]
+            mask = torch.broadcast_to(mask, (batch, heads, seq, key.shape[-2]))[start:stop]
             mask = mask.index_select(1, head_index).index_select(2, token_index)
         entropy, log_num_keys = attention_entropy(q, k, scale=call.get("scale"), attn_mask=mask)
-        shape = (batch - batch_start, len(head_index), *sample_hw)
+        shape = (stop - start, len(head_index), *sample_hw)
         return LayerRecord(
             name=layer.name,
             entropy=entropy.view(shape),
@@ -416,5 +452,6 @@ class AttentionEntropyProbe:
             grid_hw=grid,
             token_index=token_index,
             head_index=head_index,
-            batch_start=batch_start,
+            batch_rows=(start, stop),
+            cfg_pending=context.cfg_batched is None,
         )
