@@ -1,0 +1,1 @@
+"""Models trained and shipped by qsilk itself (see :mod:`qsilk.models.demo`)."""
