@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--eval-images", type=int, default=2000)
     p.add_argument("--encode-batch", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=None, help="end training early (then finalise)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train images (smoke tests)")
     return p.parse_args(argv)
 
@@ -100,6 +101,8 @@ def finalize(vae: AutoencoderKL, args: argparse.Namespace, train, train_labels, 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     args.run_dir.mkdir(parents=True, exist_ok=True)
     if (args.run_dir / "latents.safetensors").exists() and (args.run_dir / "final").exists():
         print(f"[ae] {args.run_dir} already finalised; nothing to do", flush=True)
@@ -107,6 +110,11 @@ def main(argv=None) -> None:
     train, train_labels = load_fashion_mnist("train")
     train, train_labels = train[: args.limit], train_labels[: args.limit]
     test, _ = load_fashion_mnist("test")
+    if (args.run_dir / "final" / "config.json").exists():
+        # Trained elsewhere (e.g. unpacked from another machine): only the latent cache is missing.
+        print("[ae] final weights exist; re-creating the latent cache", flush=True)
+        finalize(AutoencoderKL.from_pretrained(args.run_dir / "final").to(args.device), args, train, train_labels, test)
+        return
     torch.manual_seed(args.seed)
     vae = build_autoencoder(args.preset).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -115,7 +123,8 @@ def main(argv=None) -> None:
     if ckpt is not None:
         tensors, state = load_checkpoint(ckpt)
         vae.load_state_dict(tensors["model"])
-        load_optimizer_tensors(opt, vae, tensors["optim"])
+        if "optim" in tensors:
+            load_optimizer_tensors(opt, vae, tensors["optim"])
         start, elapsed = state["step"], state.get("elapsed_s", 0.0)
         print(f"[ae] resumed from {ckpt} (step {start})", flush=True)
     n_params = sum(p.numel() for p in vae.parameters())
@@ -126,6 +135,9 @@ def main(argv=None) -> None:
     progress = Progress(start, args.steps, args.log_every, "ae")
     last_ckpt, t_start = time.time(), time.time() - elapsed
     vae.train()
+    # Upsample the whole train set once (1 GB in fp32): cheaper than per batch, on any device.
+    train_images = to_model_images(train).to(args.device)
+    session_start = time.time()
 
     def checkpoint(step: int) -> None:
         state = {"elapsed_s": time.time() - t_start, "args": {k: str(v) for k, v in vars(args).items()}}
@@ -135,7 +147,7 @@ def main(argv=None) -> None:
     while step < args.steps:
         gen = batch_generator(args.seed, step)
         idx = torch.randint(len(train), (args.batch_size,), generator=gen)
-        x = to_model_images(train[idx.numpy()]).to(args.device)
+        x = train_images[idx.to(args.device)]
         for group in opt.param_groups:
             group["lr"] = args.lr * warmup_cosine(step, args.warmup, args.steps)
         posterior = vae.encode(x).latent_dist
@@ -162,9 +174,12 @@ def main(argv=None) -> None:
             if stop.requested:
                 print(f"[ae] stopped at step {step}; resume by running the same command", flush=True)
                 raise SystemExit(143)
+        if args.max_minutes is not None and time.time() - session_start > args.max_minutes * 60:
+            print(f"[ae] --max-minutes reached at step {step}", flush=True)
+            break
     progress.close()
-    if latest_checkpoint(args.run_dir) is None or load_checkpoint(latest_checkpoint(args.run_dir))[1]["step"] != step:
-        checkpoint(step)
+    del train_images
+    checkpoint(step)
     print(f"[ae] training done at step {step} ({(time.time() - t_start) / 60:.1f} min); finalising", flush=True)
     finalize(vae, args, train, train_labels, test)
 

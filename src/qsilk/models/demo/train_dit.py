@@ -70,6 +70,7 @@ def v_loss(
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
     args.run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     data = load_file(str(args.ae_dir / "latents.safetensors"))
@@ -90,7 +91,8 @@ def main(argv=None) -> None:
         tensors, state = load_checkpoint(ckpt)
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
-        load_optimizer_tensors(opt, model, tensors["optim"])
+        if "optim" in tensors:  # absent in packed (transfer) checkpoints: Adam moments restart
+            load_optimizer_tensors(opt, model, tensors["optim"])
         start, elapsed = state["step"], state.get("elapsed_s", 0.0)
         print(f"[dit] resumed from {ckpt} (step {start})", flush=True)
     disable_label_dropout(model)
