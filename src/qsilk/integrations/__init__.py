@@ -1,0 +1,1 @@
+"""Integrations of QSilk with sampling frameworks. ``qsilk.integrations.diffusers``: ``enable`` / ``disable``."""

@@ -1,0 +1,438 @@
+"""QSilk for diffusers pipelines: ``enable(pipe)`` / ``disable(pipe)``.
+
+The patch is one instance attribute, ``pipe.scheduler.step``, wrapping the scheduler's own step. Per call it:
+
+1. locates the call in the schedule and reads the x0 coefficients from the scheduler's state
+   (:mod:`qsilk.sampling.adapters`), before the step changes that state;
+2. converts the guided model output to x0 (unpacking Flux's 2x2-packed tokens to a (B, C, H, W) latent);
+3. runs :class:`qsilk.QSilk` on x0 and converts back as a delta, ``out' = out + (x0' - x0) / c_out``, so elements
+   QSilk leaves alone are bit-identical;
+4. calls the original step with the new model output, so multistep histories (DPM-Solver++, UniPC) and Heun's
+   stored derivative see the stabilised prediction.
+
+Nothing else of the pipeline is touched, except a forward pre-hook on Flux-like transformers (to read the latent
+grid from ``img_ids``) and the attention probe's hooks in attention mode. ``disable`` (or leaving the ``with``
+block, or ``handle.remove()``) restores the scheduler's ``__dict__`` and removes the hooks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qsilk.config import QSilkConfig
+from qsilk.sampling.adapters import (
+    SchedulerAdapter,
+    StepPoint,
+    adapter_for,
+    output_to_x0,
+    x0_delta_to_output,
+)
+from qsilk.stabilizer import QSilk
+
+_MISSING = object()
+_HANDLE_ATTR = "_qsilk_handle"
+
+ConfidenceProvider = Callable[[Tensor, int], Tensor | None]
+
+
+# -- Flux token packing ------------------------------------------------------------------------------------------------
+
+
+def unpack_tokens(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Flux's packed latent (B, h*w, C*4) -> (B, C, 2h, 2w); each token is a channel-major 2x2 patch."""
+    b, n, d = tokens.shape
+    h, w = grid
+    if n != h * w or d % 4:
+        raise ValueError(f"cannot unpack {tuple(tokens.shape)} tokens on a {h}x{w} grid of 2x2 patches")
+    c = d // 4
+    return tokens.reshape(b, h, w, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * h, 2 * w)
+
+
+def pack_tokens(latent: Tensor) -> Tensor:
+    """Inverse of :func:`unpack_tokens`: (B, C, 2h, 2w) -> (B, h*w, C*4)."""
+    b, c, hh, ww = latent.shape
+    h, w = hh // 2, ww // 2
+    return latent.reshape(b, c, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * 4)
+
+
+def grid_from_ids(img_ids: Tensor, num_tokens: int) -> tuple[int, int] | None:
+    """(h, w) of the first ``num_tokens`` image tokens from Flux's ``img_ids`` rows (0, row, col), if row-major."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    if ids.ndim != 2 or ids.shape[-1] < 3 or ids.shape[0] < num_tokens:
+        return None
+    ids = ids[:num_tokens].round().long()
+    rows, cols = ids[:, 1] - ids[:, 1].min(), ids[:, 2] - ids[:, 2].min()
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    if h * w != num_tokens:
+        return None
+    index = torch.arange(num_tokens, device=ids.device)
+    if not (torch.equal(rows, index // w) and torch.equal(cols, index % w)):
+        return None
+    return (h, w)
+
+
+# -- the handle ------------------------------------------------------------------------------------------------------------
+
+
+class QSilkHandle:
+    """What :func:`enable` installed on a pipeline; a context manager that removes it on exit.
+
+    Attributes:
+        stab: the :class:`qsilk.QSilk` instance applied at each step.
+        config: its :class:`qsilk.QSilkConfig`.
+        stats: one dict per scheduler call: ``stab.last_stats`` plus ``step``, ``progress``, ``timestep``,
+            ``sigma``, ``index`` (position in ``scheduler.timesteps``), ``phase`` and ``run`` (JSON-serialisable).
+        maps: with ``record_maps=True``, one dict per call: ``step``, ``confidence`` ((B, 1, H, W) cpu float or
+            None) and ``delta`` ((B, 1, H, W) cpu float, mean |x0' - x0| over channels).
+        confidence_provider: callable(x0, step) -> (B, 1, h, w) map in [0, 1] or None, called on every scheduler
+            call when set; None uses the config's own confidence source. Attention mode sets it to the probe.
+        probe: the attention probe in attention mode, else None.
+    """
+
+    def __init__(self, pipe: Any, config: QSilkConfig, adapter: SchedulerAdapter, record_maps: bool = False):
+        self.pipe = pipe
+        self.config = config
+        self.stab = QSilk(config)
+        self.adapter = adapter
+        self.record_maps = bool(record_maps)
+        self.stats: list[dict] = []
+        self.maps: list[dict] = []
+        self.confidence_provider: ConfidenceProvider | None = None
+        self.probe = None
+        self.scheduler = pipe.scheduler
+        self._saved_step: Any = _MISSING
+        self._hooks: list = []
+        self._img_ids: Tensor | None = None
+        self._grid_cache: tuple[Tensor, int, tuple[int, int] | None] | None = None
+        self._timesteps_ref: Tensor | None = None
+        self._last_index: int | None = None
+        self._run = -1
+        self._last_confidence: Tensor | None = None
+        self._warned: set[str] = set()
+        self._installed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    @property
+    def installed(self) -> bool:
+        return self._installed
+
+    def _install(self) -> QSilkHandle:
+        scheduler = self.scheduler
+        self._saved_step = scheduler.__dict__.get("step", _MISSING)
+        original = scheduler.step  # bound method, or a previous instance-level wrapper (composes)
+
+        def step(*args, **kwargs):
+            return self._step(original, args, kwargs)
+
+        step.__qsilk_handle__ = self  # type: ignore[attr-defined]
+        step.__wrapped__ = original  # type: ignore[attr-defined]
+        scheduler.step = step
+        denoiser = getattr(self.pipe, "transformer", None)
+        if isinstance(denoiser, torch.nn.Module):
+            self._hooks.append(denoiser.register_forward_pre_hook(self._read_img_ids, with_kwargs=True))
+        if self.config.confidence == "attention" and not self.config.is_noop:
+            self._install_probe()
+        self._installed = True
+        return self
+
+    def _install_probe(self) -> None:
+        from qsilk.attention import AttentionEntropyProbe
+
+        model = getattr(self.pipe, "unet", None)
+        if not isinstance(model, torch.nn.Module):
+            model = getattr(self.pipe, "transformer", None)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"confidence='attention' needs a pipeline with a `unet` or `transformer`; {type(self.pipe).__name__} "
+                "has neither"
+            )
+        dit = any(k.__name__ == "DiTPipeline" for k in type(self.pipe).__mro__)
+        cfg = self.config
+        self.probe = AttentionEntropyProbe(
+            model,
+            cfg.attention_layers,
+            max_queries=cfg.attention_max_queries,
+            max_heads=cfg.attention_max_heads,
+            ema=cfg.attention_ema,
+            cfg_order="cond_uncond" if dit else "uncond_cond",
+        ).install()
+        probe = self.probe
+        self.confidence_provider = lambda x0, step: probe.confidence(tuple(x0.shape[-2:]), x0.shape[0])
+
+    def remove(self) -> None:
+        """Restore the scheduler's ``step`` exactly and take every hook off. Idempotent."""
+        if not self._installed:
+            return
+        scheduler = self.scheduler
+        if self._saved_step is _MISSING:
+            scheduler.__dict__.pop("step", None)
+        else:
+            scheduler.step = self._saved_step
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self.probe is not None:
+            self.probe.remove()
+        self._installed = False
+        if getattr(self.pipe, _HANDLE_ATTR, None) is self:
+            delattr(self.pipe, _HANDLE_ATTR)
+
+    def clear_stats(self) -> None:
+        self.stats.clear()
+        self.maps.clear()
+
+    def reset(self) -> None:
+        """Start afresh: QSilk's EMA state and the probe's; called automatically when a new sampling run starts."""
+        self.stab.reset()
+        if self.probe is not None:
+            self.probe.reset()
+        self._last_confidence = None
+
+    def __enter__(self) -> QSilkHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "installed" if self._installed else "removed"
+        return f"QSilkHandle({type(self.pipe).__name__}, {type(self.scheduler).__name__}, {state})"
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+
+    def _read_img_ids(self, module, args, kwargs) -> None:
+        ids = kwargs.get("img_ids")
+        if isinstance(ids, Tensor):
+            self._img_ids = ids
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # -- the wrapped step -------------------------------------------------------------------------------------------------
+
+    def _step(self, original: Callable, args: tuple, kwargs: dict):
+        args = list(args)
+        model_output, timestep, sample = (
+            _take(args, kwargs, i, name) for i, name in enumerate(("model_output", "timestep", "sample"))
+        )
+        if not (isinstance(model_output, Tensor) and isinstance(sample, Tensor)):
+            return original(*args, **kwargs)
+        if kwargs.get("per_token_timesteps") is not None:
+            self._warn_once("per-token", "qsilk: per_token_timesteps are not supported; this step runs untouched.")
+            return original(*args, **kwargs)
+
+        point = self.adapter.locate(self.scheduler, timestep)
+        self._maybe_new_run(point)
+        prediction = model_output
+        learned_variance = (
+            model_output.ndim == sample.ndim and model_output.ndim >= 2 and model_output.shape[1] == 2 * sample.shape[1]
+        )
+        if learned_variance:  # DDPM/DiT learned sigma: only the first C channels are the prediction
+            prediction = model_output[:, : sample.shape[1]]
+
+        view = self._latent_view(sample)
+        final = self.config.placement == "final"
+        if view is None:
+            x0, x0_new = None, None
+        else:
+            to_4d, _ = view
+            x0 = to_4d(output_to_x0(sample, prediction, point.c_skip, point.c_out))
+            confidence = self._confidence(x0, point)
+            if final:
+                x0_new = x0
+            else:
+                x0_new = self.stab(
+                    x0, sigma=point.sigma, step=point.step, num_steps=point.num_steps, progress=point.progress,
+                    confidence=confidence,
+                )  # fmt: skip
+                self._record(point, timestep, x0, x0_new)
+            if x0_new is not x0 and point.c_out != 0 and not torch.equal(x0_new, x0):
+                _, from_4d = view
+                new_prediction = x0_delta_to_output(prediction, from_4d(x0), from_4d(x0_new), point.c_out)
+                if learned_variance:
+                    new_prediction = torch.cat([new_prediction, model_output[:, sample.shape[1] :]], dim=1)
+                _put(args, kwargs, 0, "model_output", new_prediction)
+
+        result = original(*args, **kwargs)
+        if final and view is not None and point.index == len(self.scheduler.timesteps) - 1:
+            result = self._apply_final(result, point, timestep, view)
+        return result
+
+    def _maybe_new_run(self, point: StepPoint) -> None:
+        timesteps = self.scheduler.timesteps
+        new_run = (
+            timesteps is not self._timesteps_ref
+            or self._last_index is None
+            or point.index <= self._last_index
+        )
+        if new_run:
+            self.reset()
+            self._run += 1
+            self._timesteps_ref = timesteps
+        self._last_index = point.index
+
+    def _latent_view(self, sample: Tensor) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
+        """(to (B, C, H, W), back) for this sample layout, or None (warned) when QSilk cannot see it as an image."""
+        if sample.ndim == 4:
+            return (lambda x: x), (lambda x: x)
+        if sample.ndim == 3:
+            grid = self._grid(int(sample.shape[1]))
+            if grid is not None and sample.shape[2] % 4 == 0:
+                return (lambda x: unpack_tokens(x, grid)), pack_tokens
+            self._warn_once(
+                "grid",
+                f"qsilk: cannot tell the latent grid of packed {tuple(sample.shape)} latents (no Flux-style img_ids "
+                "seen on pipe.transformer); these steps run untouched.",
+            )
+            return None
+        self._warn_once(
+            "ndim", f"qsilk: {sample.ndim}-D latents {tuple(sample.shape)} are not supported; steps run untouched."
+        )
+        return None
+
+    def _grid(self, num_tokens: int) -> tuple[int, int] | None:
+        ids = self._img_ids
+        if ids is None:
+            return None
+        if self._grid_cache is None or self._grid_cache[0] is not ids or self._grid_cache[1] != num_tokens:
+            self._grid_cache = (ids, num_tokens, grid_from_ids(ids, num_tokens))
+        return self._grid_cache[2]
+
+    def _confidence(self, x0: Tensor, point: StepPoint) -> Tensor | None:
+        if self.confidence_provider is None:
+            return None
+        confidence = self.confidence_provider(x0, point.step)
+        self._last_confidence = confidence
+        return confidence
+
+    def _record(self, point: StepPoint, timestep, x0: Tensor, x0_new: Tensor, final: bool = False) -> None:
+        entry = dict(self.stab.last_stats)
+        entry.update(
+            step=point.step,
+            progress=1.0 if final else point.progress,
+            timestep=float(timestep.item() if isinstance(timestep, Tensor) else timestep),
+            sigma=point.sigma,
+            index=point.index,
+            phase=point.phase,
+            run=self._run,
+            placement=self.config.placement,
+        )
+        self.stats.append(entry)
+        if self.record_maps:
+            confidence = self.stab.last_confidence
+            if confidence is None:
+                confidence = self._last_confidence
+            if confidence is None and self.config.confidence is not None:
+                from qsilk.ops import structure_confidence
+
+                confidence = structure_confidence(x0)
+            self.maps.append(
+                {
+                    "step": point.step,
+                    "confidence": None if confidence is None else confidence.detach().float().cpu(),
+                    "delta": (x0_new.float() - x0.float()).abs().mean(dim=1, keepdim=True).cpu(),
+                }
+            )
+
+    def _apply_final(self, result, point: StepPoint, timestep, view):
+        """placement="final": QSilk on the sample the last step returns (the reference AQClip placement)."""
+        to_4d, from_4d = view
+        prev = result[0] if isinstance(result, tuple) else result.prev_sample
+        latent = to_4d(prev)
+        new = self.stab(latent, sigma=0.0, confidence=self._last_confidence)  # all operators active, once
+        self._record(point, timestep, latent, new, final=True)
+        if new is latent:
+            return result
+        new_prev = from_4d(new).to(prev.dtype)
+        if isinstance(result, tuple):
+            return (new_prev, *result[1:])
+        result.prev_sample = new_prev
+        return result
+
+
+def _take(args: list, kwargs: dict, position: int, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if position < len(args) else None
+
+
+def _put(args: list, kwargs: dict, position: int, name: str, value) -> None:
+    if name in kwargs or position >= len(args):
+        kwargs[name] = value
+    else:
+        args[position] = value
+
+
+# -- public API ------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_config(config: QSilkConfig | dict | str | None, overrides: dict) -> QSilkConfig:
+    if config is None:
+        config = QSilkConfig()
+    elif isinstance(config, dict):
+        config = QSilkConfig.from_dict(config)
+    elif isinstance(config, str):
+        config = QSilkConfig.from_json(config)
+    elif not isinstance(config, QSilkConfig):
+        raise TypeError(f"config must be a QSilkConfig, a dict or JSON, got {type(config).__name__}")
+    if overrides:
+        try:
+            config = config.replace(**overrides)
+        except TypeError as err:
+            raise ValueError(f"unknown QSilk option in {sorted(overrides)}: {err}") from None
+    return config
+
+
+def enable(
+    pipe: Any,
+    config: QSilkConfig | dict | str | None = None,
+    *,
+    record_maps: bool = False,
+    **config_overrides: Any,
+) -> QSilkHandle:
+    """Stabilise every sampler step of a diffusers pipeline with QSilk. Returns a handle (also a context manager).
+
+    Important args:
+        pipe: a diffusers pipeline whose ``scheduler`` is supported (see
+            :data:`qsilk.sampling.SUPPORTED_SCHEDULERS`); otherwise ``UnsupportedSchedulerError`` names it.
+        config: a :class:`QSilkConfig` (default: ``QSilkConfig()``), a dict or JSON text/path.
+        **config_overrides: config fields to change, e.g. ``enable(pipe, clamp_quantile=0.005)``.
+
+    Args to tinker with:
+        record_maps: also keep per-step confidence and |x0' - x0| maps on the cpu in ``handle.maps``.
+
+    Enabling again replaces the previous patch. ``disable(pipe)``, ``handle.remove()`` or leaving a ``with`` block
+    restore the pipeline exactly. A no-op config (``QSilkConfig.noop()``) leaves every output bit-identical.
+    """
+    config = _resolve_config(config, config_overrides)
+    if getattr(pipe, "scheduler", None) is None:
+        raise TypeError(f"qsilk.enable needs a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
+    adapter = adapter_for(pipe.scheduler)
+    disable(pipe)
+    handle = QSilkHandle(pipe, config, adapter, record_maps=record_maps)
+    handle._install()
+    setattr(pipe, _HANDLE_ATTR, handle)
+    return handle
+
+
+def disable(pipe: Any) -> None:
+    """Remove QSilk from a pipeline (no-op when it is not enabled)."""
+    handle = getattr(pipe, _HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+def get_handle(pipe: Any) -> QSilkHandle | None:
+    """The active handle on ``pipe``, if QSilk is enabled."""
+    return getattr(pipe, _HANDLE_ATTR, None)
+
+
+__all__ = ["QSilkHandle", "disable", "enable", "get_handle", "pack_tokens", "unpack_tokens"]
