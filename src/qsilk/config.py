@@ -1,0 +1,140 @@
+"""``QSilkConfig``: every knob of QSilk in one flat dataclass that round-trips to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIDENCE_SOURCES = ("structure", "attention", None)
+PLACEMENTS = ("x0", "final")
+
+
+def _window(value: Any, name: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (start, end) in progress units, got {value!r}") from None
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= start <= end <= 1, got {value!r}")
+    return (start, end)
+
+
+@dataclass
+class QSilkConfig:
+    """QSilk settings. Windows are ``(start, end)`` in schedule progress (0 = first step, 1 = last step);
+    an operator acts at a step iff ``start <= progress <= end``."""
+
+    # micro-clamp: per-sample [Q_q, Q_(1-q)] corridor
+    clamp: bool = True
+    clamp_quantile: float = 0.001
+    clamp_mode: str = "soft"
+    clamp_per_channel: bool = False
+    clamp_softness: float = 0.25
+    clamp_window: tuple[float, float] = (0.0, 1.0)
+    # AQClip: per-tile, per-channel corridor centre +- (k_min + (k_max - k_min) * confidence) * std
+    aqclip: bool = True
+    aqclip_tile: int = 16
+    aqclip_stride: int = 8
+    aqclip_k_min: float = 2.5
+    aqclip_k_max: float = 4.5
+    aqclip_softness: float = 0.25
+    aqclip_window: tuple[float, float] = (0.0, 1.0)
+    # confidence source for AQClip: "structure" (gradient proxy), "attention" (entropy probe) or None (uniform)
+    confidence: str | None = "structure"
+    # EMA of the AQClip corridor across steps (0 = off)
+    ema: float = 0.0
+    # "x0": the guided x0 prediction at every step (default); "final": the last step's output only (reference)
+    placement: str = "x0"
+    # attention probe (confidence="attention")
+    attention_layers: tuple[str, ...] | None = None
+    attention_max_queries: int = 256
+    attention_max_heads: int = 4
+    attention_ema: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.clamp_window = _window(self.clamp_window, "clamp_window")
+        self.aqclip_window = _window(self.aqclip_window, "aqclip_window")
+        if self.attention_layers is not None:
+            if isinstance(self.attention_layers, str):
+                raise ValueError("attention_layers must be a list of layer names, not a single string")
+            self.attention_layers = tuple(str(n) for n in self.attention_layers)
+        if not 0.0 < self.clamp_quantile < 0.5:
+            raise ValueError(f"clamp_quantile must be in (0, 0.5), got {self.clamp_quantile!r}")
+        if self.clamp_mode not in ("soft", "hard"):
+            raise ValueError(f"clamp_mode must be 'soft' or 'hard', got {self.clamp_mode!r}")
+        for name in ("clamp_softness", "aqclip_softness"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.aqclip_tile < 1 or self.aqclip_stride < 1 or self.aqclip_stride > self.aqclip_tile:
+            raise ValueError(
+                f"need 1 <= aqclip_stride <= aqclip_tile, got tile={self.aqclip_tile}, stride={self.aqclip_stride}"
+            )
+        if not 0 <= self.aqclip_k_min <= self.aqclip_k_max:
+            raise ValueError(
+                f"need 0 <= aqclip_k_min <= aqclip_k_max, got {self.aqclip_k_min}, {self.aqclip_k_max}"
+            )
+        if self.confidence not in CONFIDENCE_SOURCES:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_SOURCES}, got {self.confidence!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        for name in ("ema", "attention_ema"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.attention_max_queries < 1 or self.attention_max_heads < 1:
+            raise ValueError("attention_max_queries and attention_max_heads must be >= 1")
+
+    @classmethod
+    def noop(cls) -> QSilkConfig:
+        """Every operator off: enabling QSilk with this config leaves a pipeline bit-identical."""
+        return cls(clamp=False, aqclip=False)
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.clamp or self.aqclip)
+
+    def replace(self, **changes: Any) -> QSilkConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QSilkConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a QSilk config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QSilk config key(s) {unknown}; known keys: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as err:  # e.g. a string where a number was expected
+            raise ValueError(f"invalid QSilk config: {err}") from None
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> QSilkConfig:
+        """Parse a JSON string, or read a ``.json`` file when given a path."""
+        text = str(text_or_path)
+        if isinstance(text_or_path, Path) or not text.lstrip().startswith(("{", "[")):
+            try:
+                text = Path(text_or_path).read_text()
+            except OSError as err:
+                raise ValueError(f"cannot read QSilk config {text_or_path}: {err.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"malformed QSilk config JSON: {err}") from None
+        return cls.from_dict(data)

@@ -1,0 +1,33 @@
+"""Input validation shared by the operators."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_latent(x: torch.Tensor, name: str = "x0", min_dim: int = 2) -> None:
+    """Raise a clear error for non-tensors, integer tensors, too few dims or non-finite values."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dims (batch first), got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"{name} contains {bad} non-finite value(s) (NaN/Inf); the sampler diverged upstream"
+        )
+
+
+def check_fraction(
+    value: float, name: str, low: float = 0.0, high: float = 1.0, open_low: bool = False
+) -> None:
+    ok = (low < value if open_low else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")

@@ -1,0 +1,129 @@
+"""AQClip: an adaptive, seam-free, per-tile quantile corridor whose width grows with confidence.
+
+Tiles of ``tile`` x ``tile`` latent pixels start every ``stride`` pixels; the last row/column of tiles is aligned
+with the border, so every element is covered without padding. Per tile and channel we take a robust centre
+(mean) and spread (std). The per-tile statistics are blended into per-element fields with a strictly positive
+Hann-like window (weights normalised), so a constant or smoothly varying input stays inside its corridor and
+passes through unchanged. The corridor is ``centre +- (k_min + (k_max - k_min) * c) * std``: monotone in the
+confidence c. Everything is separable, so tile statistics and blending are small matrix products per axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_latent
+from .saturate import soft_clip
+
+# Half-width floor relative to the channel's mean |x|: keeps flat tiles (std = 0) from clipping rounding noise.
+_FLOOR_REL = 1e-4
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets along one axis: every ``stride``, plus a border-aligned last tile; covers all of ``size``."""
+    tile = min(tile, size)
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def _axis_matrices(size: int, tile: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(average, blend) matrices for one axis: avg (n, size) box-averages each tile; blend (size, n) spreads
+    per-tile values back with a normalised window."""
+    tile = min(tile, size)
+    starts = torch.tensor(tile_starts(size, tile, stride), device=device)
+    offset = torch.arange(size, device=device)[None, :] - starts[:, None]  # (n, size)
+    inside = (offset >= 0) & (offset < tile)
+    avg = inside.float() / tile
+    window = torch.sin(math.pi * (offset.float() + 0.5) / tile).pow(2) * inside  # > 0 on the whole tile
+    blend = (window / window.sum(0, keepdim=True)).T.contiguous()
+    return avg, blend
+
+
+def resize_confidence(confidence: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Confidence (B, 1, h, w) or (B, h, w) -> fp32 (B, 1, H, W) in [0, 1] on ``like``'s grid and device."""
+    if confidence is None:
+        return None
+    c = confidence.detach().float().to(like.device)
+    if c.dim() == 3:
+        c = c.unsqueeze(1)
+    if c.dim() != 4 or c.shape[1] != 1 or c.shape[0] not in (1, like.shape[0]):
+        raise ValueError(
+            f"confidence must be (B, 1, h, w) with B = {like.shape[0]} or 1, got shape {tuple(confidence.shape)}"
+        )
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("confidence contains non-finite values")
+    if c.shape[-2:] != like.shape[-2:]:
+        c = F.interpolate(c, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return c.clamp(0.0, 1.0).expand(like.shape[0], 1, *like.shape[-2:])
+
+
+def aqclip_corridor(
+    x0: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    tile: int = 16,
+    stride: int = 8,
+    k_min: float = 2.5,
+    k_max: float = 4.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element corridor (centre, half-width), fp32 tensors shaped like ``x0`` (B, C, H, W).
+
+    ``confidence``: (B, 1, h, w) in [0, 1], resized to the latent grid; None = uniform 0.5."""
+    check_latent(x0, min_dim=4)
+    if x0.dim() != 4:
+        raise ValueError(f"aqclip needs (B, C, H, W) input, got shape {tuple(x0.shape)}")
+    if tile < 1 or stride < 1:
+        raise ValueError(f"tile and stride must be >= 1, got tile={tile}, stride={stride}")
+    if stride > tile:
+        raise ValueError(
+            f"stride ({stride}) must not exceed tile ({tile}), or elements would be left uncovered"
+        )
+    if not 0 <= k_min <= k_max:
+        raise ValueError(f"need 0 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    _, _, height, width = x0.shape
+    avg_h, blend_h = _axis_matrices(height, tile, stride, x0.device)
+    avg_w, blend_w = _axis_matrices(width, tile, stride, x0.device)
+    conf = resize_confidence(confidence, x0)
+    centres, halves = [], []
+    # One sample at a time: matrix products may block differently for different batch sizes, and a sample's
+    # result must not depend on its batch mates.
+    for i in range(x0.shape[0]):
+        x = x0[i].detach().float()  # (C, H, W)
+        offset = x.mean(dim=(1, 2), keepdim=True)  # centring keeps E[x^2] - E[x]^2 well conditioned
+        xc = x - offset
+        mean = avg_h @ xc @ avg_w.T  # (C, nh, nw)
+        var = (avg_h @ (xc * xc) @ avg_w.T - mean * mean).clamp_min(0.0)
+        centre = blend_h @ mean @ blend_w.T + offset
+        spread = blend_h @ var.sqrt() @ blend_w.T
+        c = conf[i] if conf is not None else torch.full_like(x[:1], 0.5)
+        floor = _FLOOR_REL * x.abs().mean(dim=(1, 2), keepdim=True) + 1e-6 * spread.mean() + 1e-12
+        halves.append((k_min + (k_max - k_min) * c) * spread + floor)
+        centres.append(centre)
+    return torch.stack(centres), torch.stack(halves)
+
+
+def apply_corridor(
+    x0: torch.Tensor, centre: torch.Tensor, half: torch.Tensor, softness: float = 0.25
+) -> torch.Tensor:
+    """Soft-clip ``x0`` into [centre - half, centre + half] (identity inside)."""
+    return soft_clip(x0, centre - half, centre + half, softness)
+
+
+def aqclip(
+    x0: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    tile: int = 16,
+    stride: int = 8,
+    k_min: float = 2.5,
+    k_max: float = 4.5,
+    softness: float = 0.25,
+) -> torch.Tensor:
+    """Adaptive quantile clip of ``x0`` (B, C, H, W); see the module docstring. Same dtype/device out."""
+    if softness < 0:
+        raise ValueError(f"softness must be >= 0, got {softness!r}")
+    centre, half = aqclip_corridor(x0, confidence, tile, stride, k_min, k_max)
+    return apply_corridor(x0, centre, half, softness)

@@ -1,0 +1,40 @@
+"""Structure-proxy confidence: where x0 has local structure (gradient energy), the model is taken as confident."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_fraction, check_latent
+from .quantile import tail_quantiles
+
+
+def gradient_energy(x0: torch.Tensor) -> torch.Tensor:
+    """Per-element squared central-difference gradient, each channel scaled by its own variance, averaged over
+    channels: (B, 1, H, W) fp32. Channels of different scales count equally."""
+    x = x0.detach().float()
+    x = x / x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6) if x.shape[-1] * x.shape[-2] > 1 else x
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    dx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) * 0.5
+    dy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) * 0.5
+    return (dx * dx + dy * dy).mean(dim=1, keepdim=True)
+
+
+def structure_confidence(x0: torch.Tensor, smooth: int = 3, quantile: float = 0.95) -> torch.Tensor:
+    """Confidence map (B, 1, H, W) in [0, 1], fp32: gradient energy, box-smoothed over ``smooth`` pixels and
+    divided by its per-sample ``quantile`` (robust to a few spikes, unlike the max). Flat samples give 0."""
+    check_latent(x0, min_dim=4)
+    if x0.dim() != 4:
+        raise ValueError(f"structure_confidence needs (B, C, H, W) input, got shape {tuple(x0.shape)}")
+    check_fraction(quantile, "quantile", open_low=True)
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    energy = gradient_energy(x0)
+    if smooth > 1:
+        energy = F.avg_pool2d(energy, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
+        energy = energy[..., : x0.shape[-2], : x0.shape[-1]]
+    rows = energy.reshape(energy.shape[0], -1)
+    scale = tail_quantiles(rows, 1.0 - quantile)[1] if quantile < 1 else rows.max(dim=1, keepdim=True).values
+    scale = scale.reshape(-1, 1, 1, 1)
+    conf = torch.where(scale > 0, energy / scale.clamp_min(1e-30), torch.zeros_like(energy))
+    return conf.clamp(0.0, 1.0)

@@ -1,0 +1,46 @@
+"""Exact per-row tail quantiles without a full sort.
+
+``torch.quantile`` sorts every row (O(N log N)) and refuses inputs above 16M elements. A clamp only needs the
+two tails, so we take the k smallest / largest values with ``topk`` and reproduce torch.quantile's linear
+interpolation bit for bit (same fp32 rank arithmetic, same ``lerp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Above this fraction of the row, a sort is cheaper than two top-k selections.
+_TOPK_LIMIT = 0.125
+
+
+def _rank(q: float, n: int) -> tuple[int, int, torch.Tensor]:
+    # torch.quantile computes the rank in the input's floating type (fp32 here); so do we.
+    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
+    below = int(rank.floor())
+    above = int(rank.ceil())
+    return below, above, rank - below
+
+
+def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (Q_q, Q_(1-q)) of each row of a 2-D fp32 tensor, shape (R, 1) each, equal to torch.quantile.
+
+    q must be in (0, 0.5]."""
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be 2-D (rows, values), got shape {tuple(rows.shape)}")
+    if not 0.0 < q <= 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5], got {q!r}")
+    rows = rows.float()
+    n = rows.shape[1]
+    lo_b, lo_a, lo_w = _rank(q, n)
+    hi_b, hi_a, hi_w = _rank(1.0 - q, n)
+    if lo_a + 1 > _TOPK_LIMIT * n:
+        ordered = rows.sort(dim=1).values
+        lo = ordered[:, lo_b : lo_b + 1].lerp(ordered[:, lo_a : lo_a + 1], lo_w)
+        hi = ordered[:, hi_b : hi_b + 1].lerp(ordered[:, hi_a : hi_a + 1], hi_w)
+        return lo, hi
+    small = rows.topk(lo_a + 1, dim=1, largest=False, sorted=True).values  # small[:, i] = i-th smallest
+    lo = small[:, lo_b : lo_b + 1].lerp(small[:, lo_a : lo_a + 1], lo_w)
+    k_hi = n - hi_b  # the (n - hi_b) largest cover ranks hi_b .. n-1
+    large = rows.topk(k_hi, dim=1, largest=True, sorted=True).values  # large[:, j] = rank n-1-j
+    hi = large[:, n - 1 - hi_b : n - hi_b].lerp(large[:, n - 1 - hi_a : n - hi_a], hi_w)
+    return lo, hi
