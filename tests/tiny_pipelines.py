@@ -139,7 +139,11 @@ def make_scheduler(name: str, prediction_type: str = "epsilon", flow: bool = Fal
         if name not in FLOW_CAPABLE:
             raise ValueError(f"{name} has no flow configuration")
         return cls(
-            num_train_timesteps=1000, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, **extra
+            num_train_timesteps=1000,
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            flow_shift=3.0,
+            **extra,
         )
     return cls(**SD_BETAS, prediction_type=prediction_type, **extra)
 

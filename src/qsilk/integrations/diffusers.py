@@ -226,14 +226,18 @@ class QSilkHandle:
         if not (isinstance(model_output, Tensor) and isinstance(sample, Tensor)):
             return original(*args, **kwargs)
         if kwargs.get("per_token_timesteps") is not None:
-            self._warn_once("per-token", "qsilk: per_token_timesteps are not supported; this step runs untouched.")
+            self._warn_once(
+                "per-token", "qsilk: per_token_timesteps are not supported; this step runs untouched."
+            )
             return original(*args, **kwargs)
 
         point = self.adapter.locate(self.scheduler, timestep)
         self._maybe_new_run(point)
         prediction = model_output
         learned_variance = (
-            model_output.ndim == sample.ndim and model_output.ndim >= 2 and model_output.shape[1] == 2 * sample.shape[1]
+            model_output.ndim == sample.ndim
+            and model_output.ndim >= 2
+            and model_output.shape[1] == 2 * sample.shape[1]
         )
         if learned_variance:  # DDPM/DiT learned sigma: only the first C channels are the prediction
             prediction = model_output[:, : sample.shape[1]]
@@ -279,7 +283,9 @@ class QSilkHandle:
             self._timesteps_ref = timesteps
         self._last_index = point.index
 
-    def _latent_view(self, sample: Tensor) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
+    def _latent_view(
+        self, sample: Tensor
+    ) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None:
         """(to (B, C, H, W), back) for this sample layout, or None (warned) when QSilk cannot see it as an image."""
         if sample.ndim == 4:
             return (lambda x: x), (lambda x: x)
@@ -294,7 +300,8 @@ class QSilkHandle:
             )
             return None
         self._warn_once(
-            "ndim", f"qsilk: {sample.ndim}-D latents {tuple(sample.shape)} are not supported; steps run untouched."
+            "ndim",
+            f"qsilk: {sample.ndim}-D latents {tuple(sample.shape)} are not supported; steps run untouched.",
         )
         return None
 
@@ -414,7 +421,9 @@ def enable(
     """
     config = _resolve_config(config, config_overrides)
     if getattr(pipe, "scheduler", None) is None:
-        raise TypeError(f"qsilk.enable needs a diffusers pipeline with a scheduler, got {type(pipe).__name__}")
+        raise TypeError(
+            f"qsilk.enable needs a diffusers pipeline with a scheduler, got {type(pipe).__name__}"
+        )
     adapter = adapter_for(pipe.scheduler)
     disable(pipe)
     handle = QSilkHandle(pipe, config, adapter, record_maps=record_maps)

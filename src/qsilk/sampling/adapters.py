@@ -58,7 +58,9 @@ def karras_coefficients(sigma: float, prediction_type: str) -> tuple[float, floa
         return 1.0 / (sigma**2 + 1.0), -sigma / math.sqrt(sigma**2 + 1.0)
     if prediction_type in ("sample", "original_sample"):
         return 0.0, 1.0
-    raise UnsupportedSchedulerError(f"prediction_type {prediction_type!r} is not supported for sigma schedulers")
+    raise UnsupportedSchedulerError(
+        f"prediction_type {prediction_type!r} is not supported for sigma schedulers"
+    )
 
 
 def alpha_sigma_coefficients(
@@ -73,7 +75,9 @@ def alpha_sigma_coefficients(
         return 0.0, 1.0
     if prediction_type == "flow_prediction":
         return 1.0, -sigma
-    raise UnsupportedSchedulerError(f"prediction_type {prediction_type!r} is not supported for multistep schedulers")
+    raise UnsupportedSchedulerError(
+        f"prediction_type {prediction_type!r} is not supported for multistep schedulers"
+    )
 
 
 def flow_coefficients(sigma: float) -> tuple[float, float]:
@@ -209,7 +213,9 @@ def locate_multistep(scheduler, timestep) -> StepPoint:
     sigma_value = scheduler.sigmas[index]
     alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma_value)
     sigma = _item(sigma_value)
-    c_skip, c_out = alpha_sigma_coefficients(_item(alpha_t), _item(sigma_t), sigma, _prediction_type(scheduler))
+    c_skip, c_out = alpha_sigma_coefficients(
+        _item(alpha_t), _item(sigma_t), sigma, _prediction_type(scheduler)
+    )
     return StepPoint(index, index, len(scheduler.timesteps), sigma, c_skip, c_out)
 
 
@@ -232,15 +238,16 @@ class SchedulerAdapter:
 
 
 _VP = ("epsilon", "v_prediction", "sample")
+_EPS_V = ("epsilon", "v_prediction")  # these schedulers raise on "sample" themselves
 ADAPTERS: dict[str, SchedulerAdapter] = {
     "DDIMScheduler": SchedulerAdapter("alpha", locate_ddim, _VP, True),
     "DDPMScheduler": SchedulerAdapter("alpha", locate_ddim, _VP, True),
-    "PNDMScheduler": SchedulerAdapter("alpha", locate_pndm, ("epsilon", "v_prediction"), False),
+    "PNDMScheduler": SchedulerAdapter("alpha", locate_pndm, _EPS_V, False),
     "EulerDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _VP + ("original_sample",), True),
-    "EulerAncestralDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _VP, True),
+    "EulerAncestralDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _EPS_V, True),
     "LMSDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _VP, True),
     "HeunDiscreteScheduler": SchedulerAdapter("karras", locate_heun, _VP, True),
-    "KDPM2DiscreteScheduler": SchedulerAdapter("karras", locate_kdpm2, _VP, True),
+    "KDPM2DiscreteScheduler": SchedulerAdapter("karras", locate_kdpm2, _EPS_V, True),
     "DPMSolverMultistepScheduler": SchedulerAdapter("multistep", locate_multistep, PREDICTION_TYPES, False),
     "DPMSolverSinglestepScheduler": SchedulerAdapter("multistep", locate_multistep, PREDICTION_TYPES, False),
     "UniPCMultistepScheduler": SchedulerAdapter("multistep", locate_multistep, PREDICTION_TYPES, False),
