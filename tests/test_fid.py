@@ -42,6 +42,32 @@ def test_bad_shape_is_a_clear_error(features):
         features(torch.rand(2, 2, 8, 8))
 
 
+class _TinyFeatures(torch.nn.Module):
+    """A fixed random projection: exercises the torchmetrics wiring without the (slow on CPU) Inception."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64 * 64, 16)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return self.proj(images.float().mean(1).flatten(1)).double()
+
+
+def test_fid_wiring_matches_independent_frechet_distance_fast():
+    tiny = _TinyFeatures()
+    real, fake = _images(1, 64, 0.1), _images(2, 64, 0.4)
+    fid = make_fid(tiny)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    with torch.no_grad():
+        expected = _frechet(tiny(real).numpy(), tiny(fake).numpy())
+    assert float(fid.compute()) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
 def test_fid_matches_independent_frechet_distance(features):
     real, fake = _images(1, 24, 0.1), _images(2, 24, 0.4)
     fid = make_fid(features)
@@ -53,6 +79,7 @@ def test_fid_matches_independent_frechet_distance(features):
     assert ours == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_fid_orders_distributions_and_kid_runs(features):
     real = _images(3, 24, 0.1)
     near, far = _images(4, 24, 0.12), _images(5, 24, 0.5)
