@@ -154,6 +154,8 @@ def test_step_numbering_and_progress(name, ptype):
     assert set(steps) == set(range(STEPS))
     assert all(p.num_steps == STEPS for p in points)
     assert points[0].progress == 0.0 and points[-1].progress == 1.0 and points[-1].is_last
+    for previous, point in zip(points, points[1:], strict=False):  # a second call completes its step
+        assert point.step == (previous.step if point.phase == 1 else previous.step + 1)
     if name in ("heun", "kdpm2"):
         assert [p.phase for p in points] == [0] + [1, 0] * (STEPS - 1)
     if name == "pndm":

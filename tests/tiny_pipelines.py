@@ -352,7 +352,11 @@ def call_kwargs(pipe, steps: int = 3, seed: int = 0, **overrides) -> dict:
 
 
 def run(pipe, steps: int = 3, seed: int = 0, output_type: str = "latent", **overrides) -> torch.Tensor:
-    """Run a tiny pipeline and return its output as one tensor (latents or np images as a tensor)."""
+    """Run a tiny pipeline and return its output as one tensor (latents or np images as a tensor).
+
+    Seeds the global RNG too: DiTPipeline passes no generator to stochastic schedulers (DDPM).
+    """
+    torch.manual_seed(seed)
     out = pipe(**call_kwargs(pipe, steps, seed, output_type=output_type, **overrides))
     images = out.images
     return images if isinstance(images, torch.Tensor) else torch.as_tensor(images)

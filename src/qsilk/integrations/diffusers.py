@@ -17,6 +17,7 @@ block, or ``handle.remove()``) restores the scheduler's ``__dict__`` and removes
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -130,8 +131,11 @@ class QSilkHandle:
         def step(*args, **kwargs):
             return self._step(original, args, kwargs)
 
-        step.__qsilk_handle__ = self  # type: ignore[attr-defined]
+        # Pipelines inspect step's signature to decide which kwargs (generator, eta) to pass: keep it visible.
+        step.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
         step.__wrapped__ = original  # type: ignore[attr-defined]
+        step.__doc__ = getattr(original, "__doc__", None)
+        step.__qsilk_handle__ = self  # type: ignore[attr-defined]
         scheduler.step = step
         denoiser = getattr(self.pipe, "transformer", None)
         if isinstance(denoiser, torch.nn.Module):

@@ -194,7 +194,7 @@ def locate_heun(scheduler, timestep) -> StepPoint:
     sigma = _item(scheduler.sigmas[index])
     c_skip, c_out = karras_coefficients(sigma, _prediction_type(scheduler))
     num_steps = (len(scheduler.timesteps) + 1) // 2
-    return StepPoint(index, (index + 1) // 2, num_steps, sigma, c_skip, c_out, phase)
+    return StepPoint(index, index // 2, num_steps, sigma, c_skip, c_out, phase)
 
 
 def locate_kdpm2(scheduler, timestep) -> StepPoint:
@@ -204,7 +204,7 @@ def locate_kdpm2(scheduler, timestep) -> StepPoint:
     sigma = _item(scheduler.sigmas[index] if first else scheduler.sigmas_interpol[index])
     c_skip, c_out = karras_coefficients(sigma, _prediction_type(scheduler))
     num_steps = (len(scheduler.timesteps) + 1) // 2
-    return StepPoint(index, (index + 1) // 2, num_steps, sigma, c_skip, c_out, 0 if first else 1)
+    return StepPoint(index, index // 2, num_steps, sigma, c_skip, c_out, 0 if first else 1)
 
 
 def locate_multistep(scheduler, timestep) -> StepPoint:
