@@ -10,6 +10,7 @@ confidence c. Everything is separable, so tile statistics and blending are small
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,7 +32,10 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def _axis_matrices(size: int, tile: int, stride: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _axis_matrices(
+    size: int, tile: int, stride: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(average, blend) matrices for one axis: avg (n, size) box-averages each tile; blend (size, n) spreads
     per-tile values back with a normalised window."""
     tile = min(tile, size)

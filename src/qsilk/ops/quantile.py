@@ -7,18 +7,25 @@ interpolation bit for bit (same fp32 rank arithmetic, same ``lerp``).
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 # Above this fraction of the row, a sort is cheaper than two top-k selections.
 _TOPK_LIMIT = 0.125
 
 
-def _rank(q: float, n: int) -> tuple[int, int, torch.Tensor]:
-    # torch.quantile computes the rank in the input's floating type (fp32 here); so do we.
-    rank = torch.tensor(q, dtype=torch.float32) * (n - 1)
-    below = int(rank.floor())
-    above = int(rank.ceil())
-    return below, above, rank - below
+def _f32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _rank(q: float, n: int) -> tuple[int, int, float]:
+    # torch.quantile computes the rank in the input's floating type (fp32 here); so do we, in plain Python:
+    # the double product of two fp32 values is exact, so one rounding to fp32 gives torch's result.
+    rank = _f32(_f32(q) * _f32(n - 1))
+    below = math.floor(rank)
+    return below, math.ceil(rank), rank - below  # rank - floor(rank) is exact in fp32
 
 
 def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:

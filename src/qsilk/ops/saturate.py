@@ -10,15 +10,23 @@ def soft_clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, softness: flo
 
     Inside [lo, hi] values come back bit-identical. Outside, ``hi + m * tanh((x - hi) / m)`` (and its mirror):
     value and slope are continuous at the edges and the overshoot is bounded by m. ``softness = 0`` is a hard
-    clamp. ``lo``/``hi`` broadcast against ``x``; arithmetic is fp32, the result has ``x``'s dtype.
+    clamp. ``lo``/``hi`` broadcast against ``x``; arithmetic is fp32, the result has ``x``'s dtype. Only the
+    (usually few) out-of-corridor elements are computed; when there are none, ``x`` itself is returned.
     """
     xf = x.float()
-    inside = (xf >= lo) & (xf <= hi)
+    outside = (xf < lo) | (xf > hi)
+    if not bool(outside.any()):
+        return x
+    where = outside.nonzero(as_tuple=True)
+    v = xf[where]
+    lo_v = lo.float().expand_as(xf)[where]
+    hi_v = hi.float().expand_as(xf)[where]
     if softness <= 0:
-        out = torch.minimum(torch.maximum(xf, lo), hi)
+        y = torch.minimum(torch.maximum(v, lo_v), hi_v)
     else:
-        margin = (softness * 0.5 * (hi - lo)).clamp_min(torch.finfo(torch.float32).tiny)
-        above = hi + margin * torch.tanh((xf - hi) / margin)
-        below = lo - margin * torch.tanh((lo - xf) / margin)
-        out = torch.where(xf > hi, above, below)
-    return torch.where(inside, x, out.to(x.dtype))
+        margin = (softness * 0.5 * (hi_v - lo_v)).clamp_min(torch.finfo(torch.float32).tiny)
+        edge = torch.where(v > hi_v, hi_v, lo_v)
+        y = edge + margin * torch.tanh((v - edge) / margin)
+    out = x.clone()
+    out[where] = y.to(x.dtype)
+    return out

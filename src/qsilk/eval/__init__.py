@@ -1,0 +1,1 @@
+"""Measurement: FID/KID features, reference re-implementations for comparisons, benchmarks."""
