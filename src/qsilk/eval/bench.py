@@ -65,7 +65,7 @@ def bench_ops(device: torch.device, repeats: int = 5) -> list[dict]:
         t_ref_aq = median_time(lambda x=x: reference_aqclip(x, 16, 8), repeats, device)
         t_aq = median_time(lambda x=x: aqclip(x, tile=16, stride=8), repeats, device)
         stab = QSilk(QSilkConfig())
-        t_qsilk = median_time(lambda x=x: stab(x), repeats, device)
+        t_qsilk = median_time(lambda x=x, stab=stab: stab(x), repeats, device)
         rows.append(
             {
                 "shape": "x".join(map(str, shape)),
