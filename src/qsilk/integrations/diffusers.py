@@ -195,7 +195,11 @@ class QSilkHandle:
         """Start afresh: QSilk's EMA state and the probe's; called automatically when a new sampling run starts."""
         self.stab.reset()
         if self.probe is not None:
+            # A new run is noticed at its first scheduler call, after the denoiser already ran for that step:
+            # forget the previous run's EMA but keep the forward the probe just captured.
+            pending = self.probe._state
             self.probe.reset()
+            self.probe._state = pending
         self._last_confidence = None
 
     def __enter__(self) -> QSilkHandle:
