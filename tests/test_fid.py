@@ -95,3 +95,50 @@ def test_fid_orders_distributions_and_kid_runs(features):
     kid.update(far, real=False)
     mean, std = kid.compute()
     assert float(mean) > 0 and float(std) >= 0
+
+
+def test_frechet_distance_from_features_matches_scipy_and_torchmetrics():
+    from qsilk.eval.features import frechet_distance, kernel_inception_distance
+
+    g = torch.Generator().manual_seed(5)
+    real = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    fake = torch.randn(150, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    assert frechet_distance(real, fake) == pytest.approx(_frechet(real.numpy(), fake.numpy()), rel=1e-6)
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    tiny = _TinyFeatures()
+    a, b = _images(6, 64, 0.1), _images(7, 64, 0.3)
+    fid = make_fid(tiny)
+    fid.update(a, real=True)
+    fid.update(b, real=False)
+    with torch.no_grad():
+        ours = frechet_distance(tiny(a), tiny(b))
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-4)
+    kid_same, _ = kernel_inception_distance(real, real[torch.randperm(200, generator=g)], subsets=5, subset_size=100)
+    kid_diff, _ = kernel_inception_distance(real, fake, subsets=5, subset_size=100)
+    assert kid_diff > kid_same
+    with pytest.raises(ValueError, match="equal D"):
+        frechet_distance(real, fake[:, :8])
+
+
+def test_cached_features_resume_after_interruption(tmp_path):
+    from qsilk.eval.demo_fid import cached_features
+
+    calls = []
+
+    def images_for(start, count):
+        calls.append((start, count))
+        if len(calls) == 3 and not hasattr(images_for, "crashed"):
+            images_for.crashed = True
+            raise RuntimeError("simulated crash")
+        return torch.full((count, 1, 4, 4), float(start))
+
+    def feats(images):
+        return images.flatten(1)[:, :2].double()
+
+    with pytest.raises(RuntimeError):
+        cached_features(tmp_path, 10, 4, images_for, feats, "t")
+    assert calls == [(0, 4), (4, 4), (8, 2)]
+    assert not list(tmp_path.glob(".*"))  # no half-written chunk left behind
+    out = cached_features(tmp_path, 10, 4, images_for, feats, "t")
+    assert calls[3:] == [(8, 2)]  # only the missing chunk was recomputed
+    assert out.shape == (10, 2) and out[:, 0].tolist() == [0.0] * 4 + [4.0] * 4 + [8.0] * 2

@@ -72,7 +72,9 @@ def make_fid(features: nn.Module | None = None):
     """torchmetrics FID over :class:`InceptionFeatures`; ``update(images_in_0_1, real=...)``."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=features or InceptionFeatures(), normalize=True, reset_real_features=False)
+    return FrechetInceptionDistance(
+        feature=features or InceptionFeatures(), normalize=True, reset_real_features=False
+    )
 
 
 def make_kid(features: nn.Module | None = None, subset_size: int = 100):
@@ -80,5 +82,8 @@ def make_kid(features: nn.Module | None = None, subset_size: int = 100):
     from torchmetrics.image.kid import KernelInceptionDistance
 
     return KernelInceptionDistance(
-        feature=features or InceptionFeatures(), normalize=True, subset_size=subset_size, reset_real_features=False
+        feature=features or InceptionFeatures(),
+        normalize=True,
+        subset_size=subset_size,
+        reset_real_features=False,
     )
