@@ -193,6 +193,40 @@ def test_wrapped_step_keeps_the_signature_pipelines_inspect():
         assert "generator" in inspect.signature(pipe.scheduler.step).parameters
 
 
+def test_pipelines_sharing_a_scheduler_get_one_qsilk():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = tiny_sd_pipeline(scheduler="euler")
+    plain = run(pipe, STEPS)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    assert img2img.scheduler is pipe.scheduler
+    first = qsilk.enable(pipe)
+    second = qsilk.enable(img2img, clamp_quantile=0.01)
+    assert not first.installed and get_handle(pipe) is None and get_handle(img2img) is second
+    acted = run(pipe, STEPS)
+    assert not torch.equal(acted, plain) and len(second.stats) == STEPS and first.stats == []
+    qsilk.disable(img2img)
+    assert "step" not in pipe.scheduler.__dict__
+    assert torch.equal(run(pipe, STEPS), plain)
+
+
+def test_remove_under_a_later_wrapper_passes_through():
+    pipe = tiny_sd_pipeline(scheduler="euler")
+    plain = run(pipe, STEPS)
+    handle = qsilk.enable(pipe)
+    inner = pipe.scheduler.step
+
+    @functools.wraps(inner)
+    def outer(*args, **kwargs):
+        return inner(*args, **kwargs)
+
+    pipe.scheduler.step = outer
+    with pytest.warns(RuntimeWarning, match="wrapped again"):
+        handle.remove()
+    assert pipe.scheduler.step is outer  # the later wrapper is kept
+    assert torch.equal(run(pipe, STEPS), plain) and handle.stats == []
+
+
 def test_flux_hooks_are_removed():
     pipe = PIPELINES["flux"]()
     before = dict(pipe.transformer._forward_pre_hooks)

@@ -107,6 +107,7 @@ class QSilkHandle:
         self.probe = None
         self.scheduler = pipe.scheduler
         self._saved_step: Any = _MISSING
+        self._wrapper: Callable | None = None
         self._hooks: list = []
         self._img_ids: Tensor | None = None
         self._grid_cache: tuple[Tensor, int, tuple[int, int] | None] | None = None
@@ -129,6 +130,8 @@ class QSilkHandle:
         original = scheduler.step  # bound method, or a previous instance-level wrapper (composes)
 
         def step(*args, **kwargs):
+            if not self._installed:  # removed while another wrapper sat on top of this one: pass through
+                return original(*args, **kwargs)
             return self._step(original, args, kwargs)
 
         # Pipelines inspect step's signature to decide which kwargs (generator, eta) to pass: keep it visible.
@@ -137,6 +140,7 @@ class QSilkHandle:
         step.__doc__ = getattr(original, "__doc__", None)
         step.__qsilk_handle__ = self  # type: ignore[attr-defined]
         scheduler.step = step
+        self._wrapper = step
         denoiser = getattr(self.pipe, "transformer", None)
         if isinstance(denoiser, torch.nn.Module):
             self._hooks.append(denoiser.register_forward_pre_hook(self._read_img_ids, with_kwargs=True))
@@ -174,7 +178,15 @@ class QSilkHandle:
         if not self._installed:
             return
         scheduler = self.scheduler
-        if self._saved_step is _MISSING:
+        if scheduler.__dict__.get("step") is not self._wrapper:
+            # Someone wrapped step after us: unwrapping would drop their wrapper, so ours stays as a pass-through.
+            warnings.warn(
+                f"qsilk: {type(scheduler).__name__}.step was wrapped again after qsilk.enable; qsilk now passes "
+                "through unchanged but stays in that chain until the outer wrapper is removed.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif self._saved_step is _MISSING:
             scheduler.__dict__.pop("step", None)
         else:
             scheduler.step = self._saved_step
@@ -434,6 +446,10 @@ def enable(
         )
     adapter = adapter_for(pipe.scheduler)
     disable(pipe)
+    # Pipelines built from another's components share its scheduler: one QSilk per scheduler, the newest wins.
+    previous = getattr(pipe.scheduler.__dict__.get("step"), "__qsilk_handle__", None)
+    if previous is not None:
+        previous.remove()
     handle = QSilkHandle(pipe, config, adapter, record_maps=record_maps)
     handle._install()
     setattr(pipe, _HANDLE_ATTR, handle)
