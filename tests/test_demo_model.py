@@ -164,3 +164,8 @@ def test_pipeline_rejects_bad_classes(trained):
         pipe(["Spaceship"], num_inference_steps=1)
     with pytest.raises(ValueError, match="out of range"):
         pipe([42], num_inference_steps=1)
+
+
+def test_missing_dataset_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        demo_data.load_fashion_mnist("train", tmp_path)

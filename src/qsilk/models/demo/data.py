@@ -35,6 +35,11 @@ def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> 
     """Return (images uint8 (N, 28, 28), labels int64 (N,)) read from the IDX gz files."""
     root = Path(root) if root is not None else FASHION_MNIST_DIR
     image_file, label_file = _FILES[split]
+    if not (root / image_file).exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found at {root}: install it with `sudo apt-get install dataset-fashion-mnist` "
+            "(Debian/Ubuntu) or point QSILK_FASHION_MNIST at a folder with the four IDX .gz files"
+        )
     with gzip.open(root / image_file) as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(root / label_file) as f:
