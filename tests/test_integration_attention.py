@@ -140,3 +140,38 @@ def test_flux_attention_maps_on_the_unpacked_grid():
     assert not torch.equal(out, plain)
     assert all(m is not None and m.shape == (1, 1, 16, 16) for m in maps)
     assert torch.equal(run(pipe, STEPS), plain)
+
+
+def test_demo_pipeline_is_cond_first_and_works_in_attention_mode():
+    from diffusers import DDIMScheduler
+
+    from qsilk.integrations.diffusers import cfg_order_of
+    from qsilk.models.demo import QSilkDemoPipeline
+    from qsilk.models.demo.autoencoder import build_autoencoder
+    from qsilk.models.demo.dit import SCHEDULE_CONFIG, build_dit
+
+    torch.manual_seed(0)
+    transformer, vae = build_dit(preset="tiny"), build_autoencoder("tiny")
+    with torch.no_grad():  # adaLN-Zero starts as a zero predictor: perturb it so attention has structure
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = QSilkDemoPipeline(transformer, vae, DDIMScheduler(**SCHEDULE_CONFIG))
+    pipe.set_progress_bar_config(disable=True)
+    assert cfg_order_of(pipe) == "cond_uncond"
+
+    def sample():
+        return pipe(class_labels=[1, 2], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images  # fmt: skip
+
+    plain = sample()
+    with qsilk.enable(pipe, QSilkConfig.noop()):
+        assert (sample() == plain).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with qsilk.enable(pipe, confidence="attention", **TIGHT) as handle:
+            assert handle.probe.cfg_order == "cond_uncond"
+            maps = record_provider(handle)
+            acted = sample()
+    assert not (acted == plain).all()
+    assert all(m is not None and m.shape[0] == 2 for m in maps)
+    assert (sample() == plain).all()

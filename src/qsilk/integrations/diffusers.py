@@ -77,6 +77,21 @@ def grid_from_ids(img_ids: Tensor, num_tokens: int) -> tuple[int, int] | None:
     return (h, w)
 
 
+# Pipelines whose denoiser batch is [cond, uncond] (most diffusers pipelines batch [uncond, cond]).
+COND_FIRST_PIPELINES = ("DiTPipeline", "QSilkDemoPipeline")
+
+
+def cfg_order_of(pipe: Any) -> str:
+    """The CFG batch order of a pipeline's denoiser calls: its own ``cfg_order`` attribute if it declares one,
+    else "cond_uncond" for the known cond-first pipelines, else diffusers' usual "uncond_cond"."""
+    declared = getattr(pipe, "cfg_order", None)
+    if declared in ("uncond_cond", "cond_uncond"):
+        return declared
+    if any(k.__name__ in COND_FIRST_PIPELINES for k in type(pipe).__mro__):
+        return "cond_uncond"
+    return "uncond_cond"
+
+
 # -- the handle ------------------------------------------------------------------------------------------------------------
 
 
@@ -160,7 +175,6 @@ class QSilkHandle:
                 f"confidence='attention' needs a pipeline with a `unet` or `transformer`; {type(self.pipe).__name__} "
                 "has neither"
             )
-        dit = any(k.__name__ == "DiTPipeline" for k in type(self.pipe).__mro__)
         cfg = self.config
         self.probe = AttentionEntropyProbe(
             model,
@@ -168,7 +182,7 @@ class QSilkHandle:
             max_queries=cfg.attention_max_queries,
             max_heads=cfg.attention_max_heads,
             ema=cfg.attention_ema,
-            cfg_order="cond_uncond" if dit else "uncond_cond",
+            cfg_order=cfg_order_of(self.pipe),
         ).install()
         probe = self.probe
         self.confidence_provider = lambda x0, step: probe.confidence(tuple(x0.shape[-2:]), x0.shape[0])
@@ -468,4 +482,4 @@ def get_handle(pipe: Any) -> QSilkHandle | None:
     return getattr(pipe, _HANDLE_ATTR, None)
 
 
-__all__ = ["QSilkHandle", "disable", "enable", "get_handle", "pack_tokens", "unpack_tokens"]
+__all__ = ["QSilkHandle", "cfg_order_of", "disable", "enable", "get_handle", "pack_tokens", "unpack_tokens"]
