@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.2x ships its own copy of click; older typer uses click itself
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc
 
 from .errors import CliError, one_line
 
@@ -25,7 +29,7 @@ DEMO_CLASSES = ("T-shirt/top", "Trouser", "Dress", "Sneaker", "Bag")
 
 
 def _error(message: object) -> None:
-    click.echo(f"error: {one_line(message)}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
 
 
 class _OneLineErrors(TyperGroup):
@@ -35,15 +39,15 @@ class _OneLineErrors(TyperGroup):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = result if isinstance(result, int) else 0
-        except click.exceptions.NoArgsIsHelpError as err:
-            click.echo(err.ctx.get_help())
+        except _click_exc.NoArgsIsHelpError as err:
+            typer.echo(err.ctx.get_help())
             code = 0
-        except click.ClickException as err:  # option parsing: unknown option, wrong type, missing value
+        except _click_exc.ClickException as err:  # option parsing: unknown option, wrong type, missing value
             _error(err.format_message())
             code = 2
-        except click.exceptions.Exit as err:
+        except typer.Exit as err:
             code = err.exit_code
-        except click.Abort:
+        except typer.Abort:
             _error("aborted")
             code = 130
         except CliError as err:
@@ -115,6 +119,7 @@ WidthOpt = Annotated[int | None, typer.Option(help="Image width (text models).")
 HeightOpt = Annotated[int | None, typer.Option(help="Image height (text models).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="fp32, fp16 or bf16.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")]
 QuantileOpt = Annotated[float | None, typer.Option(help="Micro-clamp tail quantile q (corridor [Q_q, Q_1-q]).")]
 ModeOpt = Annotated[str | None, typer.Option(help="Micro-clamp mode: soft or hard.")]
 TileOpt = Annotated[int | None, typer.Option(help="AQClip tile size (latent pixels).")]
@@ -157,6 +162,8 @@ def _prepare(
     dtype,
     out: Path,
     default_classes: bool,
+    uses_qsilk: bool,
+    threads: int | None = None,
     validate_more=None,
 ) -> _Prepared:
     """Everything before the first image: check options, load the model, check conditions against it."""
@@ -170,6 +177,8 @@ def _prepare(
     prompt_list = options.check_prompts(prompts or [])
     if classes and prompt_list:
         raise CliError("give --class (class-conditional models) or --prompt (text models), not both")
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
     if validate_more is not None:
         validate_more()
     scheduler_class = models.resolve_scheduler(scheduler)
@@ -186,6 +195,10 @@ def _prepare(
             raise CliError(f"--model-config folder {model_config} does not exist")
     runs.ensure_writable_dir(out)
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     pipe = models.load_pipeline(
         source,
         device=device_name,
@@ -194,6 +207,8 @@ def _prepare(
         model_config=model_config,
         pipeline_class=pipeline_class,
     )
+    if uses_qsilk:
+        models.check_qsilk_support(pipe)
     kind = models.conditioning(pipe)
     if kind == "class":
         if prompt_list or negative_prompt:
@@ -260,6 +275,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("qsilk-out"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Generate images; each PNG carries its reproduction record (PNG text 'qsilk') and a JSON sidecar."""
     from . import options, runs
@@ -281,7 +297,7 @@ def generate(
         model=model, model_config=model_config, pipeline_class=pipeline_class, classes=classes, prompts=prompts,
         negative_prompt=negative_prompt, seeds=seeds or ["0"], steps=steps, cfg=cfg, scheduler=scheduler,
         width=width, height=height, device=device, dtype=dtype, out=out, default_classes=False,
-        validate_more=check_qsilk,
+        uses_qsilk=use_qsilk, threads=threads, validate_more=check_qsilk,
     )  # fmt: skip
     jobs = [runs.Job(c, s, qsilk_config) for c in prepared.conditions for s in prepared.seeds]
     runs.make_dir(out)
@@ -322,6 +338,7 @@ def compare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("qsilk-demo"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Same seeds without and with QSilk (and extra configs): grid, difference heat map, per-step maps and
     statistics, and an index.html that shows it all."""
@@ -347,7 +364,7 @@ def compare(
         model=model, model_config=model_config, pipeline_class=pipeline_class, classes=classes, prompts=prompts,
         negative_prompt=negative_prompt, seeds=seeds or ["0-1"], steps=steps, cfg=cfg, scheduler=scheduler,
         width=width, height=height, device=device, dtype=dtype, out=out, default_classes=True,
-        validate_more=check_columns,
+        uses_qsilk=True, threads=threads, validate_more=check_columns,
     )  # fmt: skip
     rows = [(c, s) for c in prepared.conditions for s in prepared.seeds]
     if sample >= len(rows):

@@ -208,10 +208,12 @@ def load_pipeline(
     """Load the pipeline ``source`` names, on ``device`` in ``dtype``, with the scheduler swapped if asked."""
     import torch
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
     from qsilk.models.demo import QSilkDemoPipeline
 
     dtype = dtype or torch.float32
+    diffusers_logging.disable_progress_bar()  # our own progress bar is the only one
     try:
         if source.kind in ("demo", "folder"):
             index = json.loads((Path(source.location) / "model_index.json").read_text())
@@ -237,6 +239,16 @@ def load_pipeline(
     swap_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_qsilk_support(pipe) -> None:
+    """Fail before generating when QSilk cannot drive this pipeline's scheduler."""
+    from qsilk.sampling import UnsupportedSchedulerError, adapter_for
+
+    try:
+        adapter_for(pipe.scheduler)
+    except (UnsupportedSchedulerError, TypeError, ValueError) as err:
+        raise CliError(f"QSilk cannot run with {type(pipe.scheduler).__name__}: {one_line(err)}") from None
 
 
 def conditioning(pipe) -> str:

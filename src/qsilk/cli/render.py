@@ -118,24 +118,27 @@ def _pyplot():
 def difference_figure(
     diffs: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str], path: Path
 ) -> float:
-    """Heat maps of |A - B| (mean over RGB, 0-255) for rows x compared columns, one shared colour scale.
+    """Heat maps of |A - B| (mean over RGB, 0-255), ``diffs[sample][config]``, with one shared colour scale.
+    Drawn with one row per compared config and one column per sample (wide rather than tall).
     Returns the colour scale's maximum."""
     plt = _pyplot()
-    n_rows, n_cols = len(diffs), len(col_labels)
+    n_samples, n_configs = len(diffs), len(col_labels)
     vmax = max(1.0, max(float(d.max()) for row in diffs for d in row))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols + 1.2, 2.0 * n_rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        n_configs, n_samples, figsize=(1.5 * n_samples + 1.6, 1.7 * n_configs + 0.5), squeeze=False
+    )
     image = None
-    for i in range(n_rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
+    for j in range(n_configs):
+        for i in range(n_samples):
+            ax = axes[j][i]
             image = ax.imshow(diffs[i][j], cmap="inferno", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col_labels[j], fontsize=9)
             if j == 0:
-                ax.set_ylabel(row_labels[i], fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="|A - plain| (0-255, mean over RGB)")
+                ax.set_title(row_labels[i].replace(" / ", "\n"), fontsize=7)
+            if i == 0:
+                ax.set_ylabel(col_labels[j], fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.9, pad=0.02, label="|A - plain|, 0-255")
     _save_figure(fig, path)
     return vmax
 
@@ -148,7 +151,7 @@ def stats_figure(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     for k, (label, curve) in enumerate(curves.items()):
         color = colors[k % len(colors)]
         steps = curve["step"]
-        if curve.get("touched") and any(math.isfinite(v) for v in curve["touched"]):
+        if label != "plain" and curve.get("touched") and any(math.isfinite(v) for v in curve["touched"]):
             ax_touch.plot(steps, [100 * v for v in curve["touched"]], marker="o", ms=3, color=color, label=label)
         if curve.get("before"):
             ax_max.plot(steps, curve["before"], ls="--", color=color, label=f"{label} before")
@@ -160,7 +163,10 @@ def stats_figure(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     ax_max.set_title("max |x0| per step (before / after QSilk)")
     ax_max.set_xlabel("step")
     ax_max.set_ylabel("max |x0|")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_touch, ax_max):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

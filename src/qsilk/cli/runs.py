@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CliError
+from .errors import CliError, SamplingError
 
 RECORD_FORMAT = "qsilk-image/1"
 PNG_KEY = "qsilk"
@@ -369,8 +369,10 @@ def _call_kwargs(pipe, settings: Settings, job: Job, generator, on_step: Callabl
     return kwargs
 
 
-def _to_uint8(images) -> np.ndarray:
+def _to_uint8(images, what: str = "image") -> np.ndarray:
     array = np.asarray(images[0], dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise SamplingError(f"the sampler produced NaN/Inf for {what}; try another --scheduler or fewer --cfg")
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == 1:
@@ -482,7 +484,7 @@ def run_jobs(
                     start = time.perf_counter()
                     output = pipe(**_call_kwargs(pipe, settings, job, generator, on_step))
                     seconds = time.perf_counter() - start
-                    image = _to_uint8(output.images)
+                    image = _to_uint8(output.images, what)
                     stats = [dict(s) for s in handle.stats] if handle is not None else []
                     maps = _maps_arrays(list(getattr(handle, "maps", None) or [])) if record_maps else None
                     results[index] = _write(job, params, key, paths, image, stats, maps, seconds, versions)
