@@ -215,6 +215,12 @@ def load_pipeline(
     dtype = dtype or torch.float32
     diffusers_logging.disable_progress_bar()  # our own progress bar is the only one
     try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - class-conditional models need no transformers
+        pass
+    try:
         if source.kind in ("demo", "folder"):
             index = json.loads((Path(source.location) / "model_index.json").read_text())
             if index.get("_class_name") == QSilkDemoPipeline.__name__:
