@@ -278,26 +278,23 @@ class QSilkHandle:
 
         view = self._latent_view(sample)
         final = self.config.placement == "final"
-        if view is None:
-            x0, x0_new = None, None
-        else:
-            to_4d, _ = view
+        if view is not None:
+            to_4d, from_4d = view
             x0 = to_4d(output_to_x0(sample, prediction, point.c_skip, point.c_out))
-            confidence = self._confidence(x0, point)
-            if final:
-                x0_new = x0
-            else:
+            confidence = self._confidence(x0, point)  # every call: the probe consumes its step here
+            if not final:
                 x0_new = self.stab(
                     x0, sigma=point.sigma, step=point.step, num_steps=point.num_steps, progress=point.progress,
                     confidence=confidence,
                 )  # fmt: skip
                 self._record(point, timestep, x0, x0_new)
-            if x0_new is not x0 and point.c_out != 0 and not torch.equal(x0_new, x0):
-                _, from_4d = view
-                new_prediction = x0_delta_to_output(prediction, from_4d(x0), from_4d(x0_new), point.c_out)
-                if learned_variance:
-                    new_prediction = torch.cat([new_prediction, model_output[:, sample.shape[1] :]], dim=1)
-                _put(args, kwargs, 0, "model_output", new_prediction)
+                if x0_new is not x0 and point.c_out != 0 and not torch.equal(x0_new, x0):
+                    new_prediction = x0_delta_to_output(prediction, from_4d(x0), from_4d(x0_new), point.c_out)
+                    if learned_variance:
+                        new_prediction = torch.cat(
+                            [new_prediction, model_output[:, sample.shape[1] :]], dim=1
+                        )
+                    _put(args, kwargs, 0, "model_output", new_prediction)
 
         result = original(*args, **kwargs)
         if final and view is not None and point.index == len(self.scheduler.timesteps) - 1:
