@@ -167,6 +167,22 @@ def test_decoded_images_noop_identical_and_defaults_differ(family):
     assert torch.equal(run(pipe, 2, output_type="np"), plain)
 
 
+@pytest.mark.parametrize("scheduler", ["dpmpp", "euler"])
+def test_bfloat16_pipeline(scheduler):
+    """Reduced precision: dtype kept, no-op bit-identical, corrections survive the round trip through a bf16 model
+    output. (Corrections below |c_out| * ulp(model output) at high noise round away, as the scheduler's own bf16
+    x0 cannot hold them either; a larger clamp quantile makes them visible at this tiny size.)"""
+    pipe = tiny_sd_pipeline(scheduler=scheduler).to(torch.bfloat16)
+    plain = run(pipe, STEPS)
+    with qsilk.enable(pipe, QSilkConfig.noop()):
+        assert torch.equal(run(pipe, STEPS), plain)
+    with qsilk.enable(pipe, clamp_quantile=0.02) as handle:
+        acted = run(pipe, STEPS)
+    assert acted.dtype == torch.bfloat16 and not torch.equal(acted, plain)
+    assert all(s["touched_fraction"] > 0 for s in handle.stats)
+    assert torch.equal(run(pipe, STEPS), plain)
+
+
 # -- handle and lifecycle ---------------------------------------------------------------------------------------------
 
 

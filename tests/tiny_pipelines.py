@@ -145,7 +145,10 @@ def make_scheduler(name: str, prediction_type: str = "epsilon", flow: bool = Fal
             flow_shift=3.0,
             **extra,
         )
-    return cls(**SD_BETAS, prediction_type=prediction_type, **extra)
+    scheduler = cls(**SD_BETAS, prediction_type=prediction_type, **extra)
+    if scheduler.config.get("steps_offset", 1) != 1:  # SD pipelines would set it (with a deprecation warning)
+        scheduler.register_to_config(steps_offset=1)
+    return scheduler
 
 
 # -- pipelines -------------------------------------------------------------------------------------------------------------
