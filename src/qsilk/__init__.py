@@ -11,6 +11,7 @@ The operators in :mod:`qsilk.ops` are pure torch; integrations live in :mod:`qsi
 
 from qsilk.config import QSilkConfig
 from qsilk.ops import aqclip, micro_clamp, structure_confidence
+from qsilk.sampling.adapters import UnsupportedSchedulerError
 from qsilk.stabilizer import QSilk
 
 __version__ = "0.1.0"
@@ -30,4 +31,14 @@ def disable(pipe) -> None:
     _disable(pipe)
 
 
-__all__ = ["QSilk", "QSilkConfig", "aqclip", "disable", "enable", "micro_clamp", "structure_confidence", "__version__"]
+__all__ = [
+    "QSilk",
+    "QSilkConfig",
+    "UnsupportedSchedulerError",
+    "__version__",
+    "aqclip",
+    "disable",
+    "enable",
+    "micro_clamp",
+    "structure_confidence",
+]

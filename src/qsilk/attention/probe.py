@@ -209,9 +209,13 @@ class AttentionEntropyProbe:
         self._handles.clear()
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the step in progress and the EMA state (call when a new sampling run starts)."""
-        self._state = _StepState()
+    def reset(self, keep_pending: bool = False) -> None:
+        """Forget the EMA state and the step in progress (call when a new sampling run starts).
+
+        ``keep_pending=True`` keeps what the denoiser forward just captured: integrations that notice a new run
+        only at its first scheduler step (after that step's forward) use it so step 0 still has a map."""
+        if not keep_pending:
+            self._state = _StepState()
         self._ema_state = None
         self.last_entropy = None
         self._ids_cache = None

@@ -223,9 +223,7 @@ class QSilkHandle:
         if self.probe is not None:
             # A new run is noticed at its first scheduler call, after the denoiser already ran for that step:
             # forget the previous run's EMA but keep the forward the probe just captured.
-            pending = self.probe._state
-            self.probe.reset()
-            self.probe._state = pending
+            self.probe.reset(keep_pending=True)
         self._last_confidence = None
 
     def __enter__(self) -> QSilkHandle:

@@ -30,6 +30,8 @@ class QSilkDemoPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vae"
+    # The CFG batch is [conditional, unconditional] (as in diffusers' DiTPipeline); the attention probe reads it.
+    cfg_order = "cond_uncond"
 
     def __init__(
         self,
