@@ -73,6 +73,7 @@ def write_report(
         label = result.job.folder.split("/", 1)[-1]
         table[(label, row_index[(result.job.condition, result.job.seed)])] = result
     labels = [label for label, _ in columns]
+    sources = {label: (config or {}).get("confidence") for label, config in columns}
     row_labels = [_row_label(c, s) for c, s in rows]
     first = table[(labels[0], 0)].image
     scale = render.display_scale(*first.shape[:2])
@@ -87,7 +88,7 @@ def write_report(
         for i in range(len(rows)):
             cells[i].append(render.upscale(table[(label, i)].image, scale))
         if any(c is not None for c in confs):
-            grid_cols.append(f"{label}: confidence")
+            grid_cols.append(f"{label}: {sources[label] or 'uniform'} confidence")
             for i, conf in enumerate(confs):
                 tile = None if conf is None else render.resize_nearest(render.colorize(conf), height, width)
                 cells[i].append(tile)
@@ -114,7 +115,8 @@ def write_report(
             steps = [int(s) for s in maps["steps"]]
         for kind in ("confidence", "delta"):
             if kind in maps and np.isfinite(maps[kind]).any():
-                panels.append((f"{label}\n{kind}", maps[kind], kind))
+                name = f"{sources[label]} confidence" if kind == "confidence" and sources[label] else kind
+                panels.append((f"{label}\n{name}", maps[kind], kind))
     if panels and steps:
         render.step_maps_figure(
             panels, steps, out / "steps.png", f"per-step maps, {row_labels[sample]} (delta = mean |x0' - x0|)"
