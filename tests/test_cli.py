@@ -382,6 +382,12 @@ def test_compare_attention_confidence_maps_beside_images(demo_dir, tmp_path):
     assert Image.open(out / "grid.png").width >= 3 * 192  # plain, qsilk, qsilk confidence
 
 
+def test_compare_sample_out_of_range(demo_dir, tmp_path):
+    result = cli("compare", "--model", demo_dir, "-c", "1", "--seed", "0-1", "--sample", "2", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and result.stderr == "error: --sample 2 is out of range: there are 2 rows\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_defaults_use_demo_classes_and_folder(demo_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ok("compare", "--steps", "1", "--device", "cpu", "--seed", "0", env={"QSILK_DEMO_MODEL": str(demo_dir)})

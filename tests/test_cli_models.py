@@ -204,6 +204,17 @@ def test_single_file_checkpoint_with_local_config_equals_the_folder(sd, tmp_path
     model = read_png_record(from_file)["params"]["model"]
     assert model["kind"] == "single_file" and model["location"] == str(sd["file"].resolve())
     assert read_png_record(from_file)["params"]["pipeline"] == "StableDiffusionPipeline"  # guessed from the keys
+    # A pickled .ckpt ({"state_dict": ...}, the original release format) and an explicit pipeline class.
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": load_file(str(sd["file"]))}, ckpt)
+    gen("--model", ckpt, "--model-config", sd["folder"], "--pipeline-class", "StableDiffusionPipeline", *args,
+        "--out", tmp_path / "ckpt")  # fmt: skip
+    np.testing.assert_array_equal(pixels(only_png(tmp_path / "ckpt")), pixels(from_folder))
+    result = cli("generate", "--model", sd["file"], "--pipeline-class", "DiTPipeline", "--prompt", "x",
+                 "--out", tmp_path / "o")  # fmt: skip
+    assert result.exit_code == 2 and "pipeline class 'DiTPipeline' cannot load single-file checkpoints" in result.stderr
 
 
 def test_single_file_without_config_says_how_to_load_offline(sd, tmp_path, monkeypatch):
