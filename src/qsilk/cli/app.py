@@ -96,7 +96,7 @@ def _console():
 ModelOpt = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="'demo' (default), a diffusers folder, a .safetensors/.ckpt file, or a hub id."
+        "--model", "-m", metavar="MODEL", help="'demo' (default), a diffusers folder, a .safetensors/.ckpt file, or a hub id."
     ),
 ]
 ModelConfigOpt = Annotated[
@@ -107,9 +107,9 @@ PipelineClassOpt = Annotated[
     str | None, typer.Option(help="Single-file checkpoints: diffusers pipeline class (default: guessed).")
 ]
 ClassOpt = Annotated[
-    list[str] | None, typer.Option("--class", "-c", help="Class name or id (class-conditional models); repeat.")
+    list[str] | None, typer.Option("--class", "-c", metavar="NAME|ID", help="Class name or id (class-conditional models); repeat.")
 ]
-PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (text models); repeat.")]
+PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt (text models); repeat.")]
 NegativeOpt = Annotated[str | None, typer.Option(help="Negative prompt (text models).")]
 SchedulerOpt = Annotated[
     str | None,
@@ -140,10 +140,6 @@ class _Prepared:
     conditions: list
     seeds: list[int]
     versions: dict[str, str]
-
-
-def _qsilk_flags(**flags) -> dict[str, Any]:
-    return flags
 
 
 def _prepare(
@@ -261,14 +257,14 @@ def generate(
     classes: ClassOpt = None,
     prompts: PromptOpt = None,
     negative_prompt: NegativeOpt = None,
-    seeds: Annotated[list[str] | None, typer.Option("--seed", "-s", help="Seed, range (0-7) or list; repeat.")] = None,
+    seeds: Annotated[list[str] | None, typer.Option("--seed", "-s", metavar="SEEDS", help="Seed, range (0-7) or list; repeat.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     cfg: Annotated[float | None, typer.Option(help="Guidance scale (default 4 for class, 7.5 for text models).")] = None,
     scheduler: SchedulerOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
     use_qsilk: Annotated[bool, typer.Option("--qsilk/--no-qsilk", help="Apply QSilk (default on).")] = True,
-    config: Annotated[str | None, typer.Option(help="QSilk config: JSON file or inline JSON; flags override it.")] = None,
+    config: Annotated[str | None, typer.Option(metavar="FILE|JSON", help="QSilk config: JSON file or inline JSON; flags override it.")] = None,
     quantile: QuantileOpt = None,
     mode: ModeOpt = None,
     tile: TileOpt = None,
@@ -286,7 +282,7 @@ def generate(
     """Generate images; each PNG carries its reproduction record (PNG text 'qsilk') and a JSON sidecar."""
     from . import options, runs
 
-    flags = _qsilk_flags(
+    flags = dict(
         quantile=quantile, mode=mode, tile=tile, stride=stride, k_min=k_min, k_max=k_max,
         confidence=confidence, clamp=clamp, aqclip=aqclip,
     )  # fmt: skip
@@ -322,14 +318,14 @@ def compare(
     classes: ClassOpt = None,
     prompts: PromptOpt = None,
     negative_prompt: NegativeOpt = None,
-    seeds: Annotated[list[str] | None, typer.Option("--seed", "-s", help="Seeds (default 0-1); repeat.")] = None,
+    seeds: Annotated[list[str] | None, typer.Option("--seed", "-s", metavar="SEEDS", help="Seeds (default 0-1); repeat.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps (few: where QSilk matters).")] = 8,
     cfg: Annotated[float, typer.Option(help="Guidance scale (high: where QSilk matters).")] = 7.0,
     scheduler: SchedulerOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
     configs: Annotated[
-        list[str] | None, typer.Option("--config", help="Extra QSilk config column (JSON file or inline); repeat.")
+        list[str] | None, typer.Option("--config", metavar="FILE|JSON", help="Extra QSilk config column (JSON file or inline); repeat.")
     ] = None,
     quantile: QuantileOpt = None,
     mode: ModeOpt = None,
@@ -351,7 +347,7 @@ def compare(
     from . import compare as comparison
     from . import options, runs
 
-    flags = _qsilk_flags(
+    flags = dict(
         quantile=quantile, mode=mode, tile=tile, stride=stride, k_min=k_min, k_max=k_max,
         confidence=confidence, clamp=clamp, aqclip=aqclip,
     )  # fmt: skip
