@@ -169,3 +169,22 @@ def test_pipeline_rejects_bad_classes(trained):
 def test_missing_dataset_says_how_to_install(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         demo_data.load_fashion_mnist("train", tmp_path)
+
+
+def test_training_continues_from_an_exported_folder(trained, tmp_path):
+    from qsilk.models.demo import train_dit
+
+    run = tmp_path / "dit2"
+    train_dit.main(
+        ["--run-dir", str(run), "--ae-dir", str(trained / "ae"), "--preset", "tiny", "--batch-size", "4",
+         "--log-every", "1", "--warmup", "1", "--init-from", str(trained / "export"), "--max-steps", "5"]
+    )
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5]  # continued from the exported step 4
+    shipped = QSilkDemoPipeline.from_pretrained(trained / "export").transformer.state_dict()
+    from qsilk.models.demo.checkpoint import latest_checkpoint, load_checkpoint
+
+    tensors, state = load_checkpoint(latest_checkpoint(run))
+    assert state["step"] == 5
+    moved = [k for k in shipped if not torch.equal(tensors["model"][k].float(), shipped[k].float())]
+    assert moved  # it trained on top of the shipped weights

@@ -54,6 +54,7 @@ def main(argv=None) -> None:
     p.add_argument("--scheduler", default="dpm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--config", type=Path, default=None, help="QSilk config JSON for the right column (default: defaults)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +62,9 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     classes = list(range(int(pipe.transformer.config.num_embeds_ada_norm)))
     plain, labels = failure_grid(pipe, classes, args.seed)
-    stabilised, _ = failure_grid(pipe, classes, args.seed, qsilk.QSilkConfig())
+    config = qsilk.QSilkConfig.from_json(args.config) if args.config else qsilk.QSilkConfig()
+    config_name = f"with QSilk ({args.config.stem})" if args.config else "with QSilk (defaults)"
+    stabilised, _ = failure_grid(pipe, classes, args.seed, config)
     fig, axes = plt.subplots(len(plain), 2, figsize=(15, 0.78 * len(plain) + 0.6))
     for r, (a, b, label) in enumerate(zip(plain, stabilised, labels, strict=True)):
         for c, img in enumerate((a, b)):
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
             if c == 0:
                 ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
             if r == 0:
-                ax.set_title("without QSilk" if c == 0 else "with QSilk (defaults)", fontsize=10)
+                ax.set_title("without QSilk" if c == 0 else config_name, fontsize=10)
     fig.suptitle(f"demo model, {args.scheduler}, seeds {args.seed}..{args.seed + len(classes) - 1}, one per class")
     fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)

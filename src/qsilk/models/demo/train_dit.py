@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--init-from", type=Path, default=None, help="another DiT run dir to start from")
+    p.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from another DiT run dir's latest checkpoint, or from an exported pipeline folder",
+    )
     return p.parse_args(argv)
 
 
@@ -84,7 +87,16 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(args.run_dir)
-    if ckpt is None and args.init_from is not None:
+    if ckpt is None and args.init_from is not None and (args.init_from / "transformer" / "config.json").exists():
+        # An exported pipeline folder (e.g. the shipped demo weights): its EMA weights start model and EMA.
+        shipped = DiTTransformer2DModel.from_pretrained(args.init_from / "transformer", torch_dtype=torch.float32)
+        model.load_state_dict(shipped.state_dict())
+        ema.load_state_dict(shipped.state_dict())
+        info_path = args.init_from / "export.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        start, elapsed = int(info.get("dit_step", 0)), float(info.get("dit_train_seconds") or 0.0)
+        print(f"[dit] initialised from the exported folder {args.init_from} (step {start})", flush=True)
+    elif ckpt is None and args.init_from is not None:
         ckpt = latest_checkpoint(args.init_from)
         print(f"[dit] initialising from {ckpt}", flush=True)
     if ckpt is not None:
