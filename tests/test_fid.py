@@ -40,6 +40,20 @@ def test_feature_shape_grey_and_uint8_equivalence(features):
 def test_bad_shape_is_a_clear_error(features):
     with pytest.raises(ValueError, match="expected"):
         features(torch.rand(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="at least one image"):
+        features(torch.rand(0, 1, 8, 8))
+
+
+def test_micro_batches_give_the_same_features(features):
+    x = _images(1, 5, 0.3)
+    whole = features(x)
+    features.batch_size = 2  # 2 + 2 + 1
+    try:
+        split = features(x)
+    finally:
+        features.batch_size = 32
+    assert split.shape == (5, 2048)
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
 
 
 class _TinyFeatures(torch.nn.Module):

@@ -42,8 +42,11 @@ class InceptionFeatures(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, batch_size: int = 32) -> None:
         super().__init__()
+        # Small batches: a 250-image batch at 299 px allocates GBs per layer, and on CPU the time goes into page
+        # faults (measured 3.3 vs 7.8 img/s on 2 cores).
+        self.batch_size = batch_size
         self.net = torch.jit.load(str(path or default_inception_path()), map_location="cpu").eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
@@ -62,10 +65,15 @@ class InceptionFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        feats = self.net(self.preprocess(images))
-        if feats.ndim > 2:
-            feats = feats.flatten(2).mean(-1)
-        return feats.double()
+        if images.ndim == 4 and images.shape[0] == 0:
+            raise ValueError("expected at least one image, got an empty batch")
+        parts = []
+        for batch in images.split(self.batch_size):
+            feats = self.net(self.preprocess(batch))
+            if feats.ndim > 2:
+                feats = feats.flatten(2).mean(-1)
+            parts.append(feats.double())
+        return torch.cat(parts)
 
 
 def make_fid(features: nn.Module | None = None):
