@@ -2,7 +2,6 @@
 resume, export to a diffusers folder, loading and deterministic sampling. Plus the DiT fixes (label dropout,
 adaLN-Zero)."""
 
-import gzip
 import json
 
 import numpy as np
@@ -13,34 +12,6 @@ from qsilk.models.demo import data as demo_data
 from qsilk.models.demo import load_demo_pipeline
 from qsilk.models.demo.dit import build_dit, drop_labels, null_class_id
 from qsilk.models.demo.pipeline import QSilkDemoPipeline
-
-
-def write_idx(folder, split, n, seed):
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n, 28, 28), np.uint8)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    for k in range(n):  # a bright rectangle whose size depends on the class: learnable structure
-        size = 6 + labels[k]
-        images[k, 14 - size // 2 : 14 + size // 2, 10:18] = 200
-    files = demo_data._FILES[split]
-    with gzip.open(folder / files[0], "wb") as f:
-        f.write(
-            np.array([0, 0, 8, 3], np.uint8).tobytes()
-            + np.array([n, 28, 28], ">i4").tobytes()
-            + images.tobytes()
-        )
-    with gzip.open(folder / files[1], "wb") as f:
-        f.write(
-            np.array([0, 0, 8, 1], np.uint8).tobytes() + np.array([n], ">i4").tobytes() + labels.tobytes()
-        )
-
-
-@pytest.fixture(scope="module")
-def fake_dataset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fmnist")
-    write_idx(folder, "train", 48, 0)
-    write_idx(folder, "test", 16, 1)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -156,3 +156,43 @@ def test_cached_features_resume_after_interruption(tmp_path):
     out = cached_features(tmp_path, 10, 4, images_for, feats, "t")
     assert calls[3:] == [(8, 2)]  # only the missing chunk was recomputed
     assert out.shape == (10, 2) and out[:, 0].tolist() == [0.0] * 4 + [4.0] * 4 + [8.0] * 2
+
+
+def test_demo_fid_table_end_to_end_and_resume(tmp_path, monkeypatch, fake_dataset, capsys):
+    """The FID harness on the shipped demo model, a fake data set and tiny features: every cell (floors, QSilk off
+    and on) lands in results.json and the table, and a re-run recomputes nothing."""
+    import json
+
+    import qsilk.eval.fid as fid_module
+    from qsilk.eval import demo_fid
+    from qsilk.models.demo import data as demo_data
+    from qsilk.models.demo import demo_weights_available
+
+    if not demo_weights_available():
+        pytest.skip("demo weights not present")
+    monkeypatch.setattr(demo_data, "FASHION_MNIST_DIR", fake_dataset)
+    seen = []
+
+    class CountingFeatures(_TinyFeatures):
+        @torch.no_grad()
+        def forward(self, images):
+            seen.append(len(images))
+            return super().forward(images)
+
+    monkeypatch.setattr(fid_module, "InceptionFeatures", CountingFeatures)
+    argv = ["--n", "12", "--ref-n", "16", "--steps", "2", "--cfg", "3", "--qsilk", "off", "default"]
+    argv += ["--chunk", "6", "--floors", "--out", str(tmp_path)]
+    demo_fid.main(argv)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["qsilk"] for r in results.values()) == ["ae-train", "default", "off", "real-train"]
+    assert all(r["n"] == 12 and r["ref_n"] == 16 and np.isfinite(r["fid"]) for r in results.values())
+    assert results["steps=2 cfg=3 qsilk=default n=12"]["qsilk_config"]["clamp_quantile"] == 0.001
+    # Real images of the same fake distribution sit closer to the reference than 2-step samples do.
+    assert results["real-train n=12"]["fid"] < results["steps=2 cfg=3 qsilk=off n=12"]["fid"]
+    table = capsys.readouterr().out
+    assert "| real train images |" in table and "| autoencoder reconstructions |" in table
+    assert table.count("| sampled (dpm) | 2 | 3 |") == 2
+    computed = sum(seen)
+    assert computed == 16 + 4 * 12
+    demo_fid.main(argv)  # everything is cached: no image is featurised again
+    assert sum(seen) == computed

@@ -408,7 +408,8 @@ def info(
     typer.echo(f"  pipeline: {demo['pipeline']}, scheduler {demo['scheduler']}")
     typer.echo(f"  classes ({len(demo['classes'])}): " + ", ".join(f"{k}={v}" for k, v in demo["classes"].items()))
     if demo.get("export"):
-        typer.echo("  export: " + ", ".join(f"{k} {v}" for k, v in demo["export"].items() if not isinstance(v, dict)))
+        fields = (f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in demo["export"].items() if not isinstance(v, dict))
+        typer.echo("  export: " + ", ".join(fields))
 
 
 def _info_report(models) -> dict[str, Any]:

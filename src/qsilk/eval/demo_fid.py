@@ -47,12 +47,28 @@ def cached_features(
     return torch.cat(parts)
 
 
-def reference_images(start: int, count: int) -> torch.Tensor:
-    """Fashion-MNIST test images at model resolution, in [0, 1]."""
+def dataset_images(split: str = "test") -> Callable[[int, int], torch.Tensor]:
+    """Fashion-MNIST images ``start .. start+count-1`` of ``split`` at model resolution, in [0, 1]."""
     from qsilk.models.demo.data import load_fashion_mnist, to_model_images
 
-    images, _ = load_fashion_mnist("test")
-    return (to_model_images(images[start : start + count]) + 1) / 2
+    def make(start: int, count: int) -> torch.Tensor:
+        images, _ = load_fashion_mnist(split)
+        return (to_model_images(images[start : start + count]) + 1) / 2
+
+    return make
+
+
+def reconstructed_images(vae, split: str = "train") -> Callable[[int, int], torch.Tensor]:
+    """The same images passed through the autoencoder (posterior mean): the floor any latent model sits on."""
+    real = dataset_images(split)
+
+    @torch.no_grad()
+    def make(start: int, count: int) -> torch.Tensor:
+        x = real(start, count) * 2 - 1
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        return (vae.decode(z).sample.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+    return make
 
 
 def generated_images(pipe, steps: float, cfg: float, num_classes: int, seed_base: int = 0):
@@ -81,6 +97,11 @@ def main(argv=None) -> None:
     p.add_argument("--scheduler", default="dpm")
     p.add_argument("--chunk", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--floors",
+        action="store_true",
+        help="also score n real train images and their autoencoder reconstructions (FID's floors at this n)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/fid"))
     args = p.parse_args(argv)
     if args.threads:
@@ -95,10 +116,24 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
     ref = cached_features(
-        args.out / f"ref-test-{args.ref_n}", args.ref_n, 250, reference_images, features, "real"
+        args.out / f"ref-test-{args.ref_n}", args.ref_n, 250, dataset_images("test"), features, "real"
     )
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    def record(key: str, fake: torch.Tensor, **fields) -> None:
+        fid = frechet_distance(ref, fake)
+        kid, kid_std = kernel_inception_distance(ref, fake, subset_size=min(500, len(fake)))
+        results[key] = {**fields, "n": len(fake), "ref_n": args.ref_n, "fid": fid, "kid": kid, "kid_std": kid_std}
+        tmp = results_path.with_name(f".results.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, results_path)
+        print(f"{key}: FID {fid:.2f}  KID {1e3 * kid:.2f}e-3 +- {1e3 * kid_std:.2f}e-3", flush=True)
+
+    if args.floors:
+        for tag, images in (("real-train", dataset_images("train")), ("ae-train", reconstructed_images(pipe.vae))):
+            fake = cached_features(args.out / f"{tag}-{args.n}", args.n, 250, images, features, tag)
+            record(f"{tag} n={args.n}", fake, steps=None, cfg=None, qsilk=tag, scheduler=None)
     for steps in args.steps:
         for cfg in args.cfg:
             for name in args.qsilk:
@@ -126,31 +161,32 @@ def main(argv=None) -> None:
                 finally:
                     if handle is not None:
                         handle.remove()
-                fid = frechet_distance(ref, fake)
-                kid, kid_std = kernel_inception_distance(ref, fake, subset_size=min(500, args.n))
-                results[key] = {
-                    "steps": steps,
-                    "cfg": cfg,
-                    "qsilk": tag,
-                    "n": args.n,
-                    "ref_n": args.ref_n,
-                    "scheduler": args.scheduler,
-                    "fid": fid,
-                    "kid": kid,
-                    "kid_std": kid_std,
-                    "qsilk_config": config.to_dict() if config is not None else None,
-                    "seconds": round(time.time() - started, 1),
-                }
-                tmp = results_path.with_name(f".results.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps(results, indent=2) + "\n")
-                os.replace(tmp, results_path)
-                print(f"{key}: FID {fid:.2f}  KID {1e3 * kid:.2f}e-3 +- {1e3 * kid_std:.2f}e-3", flush=True)
-    print("\n| steps | CFG | QSilk | FID | KID (x1e3) | samples | reference |\n|---|---|---|---|---|---|---|")
-    for r in results.values():
-        print(
-            f"| {r['steps']} | {r['cfg']:g} | {r['qsilk']} | {r['fid']:.2f} | {1e3 * r['kid']:.2f} +- "
-            f"{1e3 * r['kid_std']:.2f} | {r['n']} | {r['ref_n']} test |"
-        )
+                record(
+                    key,
+                    fake,
+                    steps=steps,
+                    cfg=cfg,
+                    qsilk=tag,
+                    scheduler=args.scheduler,
+                    qsilk_config=config.to_dict() if config is not None else None,
+                    seconds=round(time.time() - started, 1),
+                )
+    print("\n" + markdown_table(results))
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table: floors first, then sampled cells by steps and CFG."""
+    lines = ["| images | steps | CFG | QSilk | FID | KID (x1e3) | n | reference |", "|---|---|---|---|---|---|---|---|"]
+    floors = {"real-train": "real train images", "ae-train": "autoencoder reconstructions"}
+    rows = sorted(results.values(), key=lambda r: (r["steps"] is not None, -(r["steps"] or 0), r["cfg"] or 0))
+    for r in rows:
+        kid = f"{1e3 * r['kid']:.2f} +- {1e3 * r['kid_std']:.2f}"
+        if r["steps"] is None:
+            what, steps, cfg, tag = floors.get(r["qsilk"], r["qsilk"]), "", "", ""
+        else:
+            what, steps, cfg, tag = f"sampled ({r['scheduler']})", r["steps"], f"{r['cfg']:g}", r["qsilk"]
+        lines.append(f"| {what} | {steps} | {cfg} | {tag} | {r['fid']:.2f} | {kid} | {r['n']} | {r['ref_n']} test |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
