@@ -196,3 +196,8 @@ def test_demo_fid_table_end_to_end_and_resume(tmp_path, monkeypatch, fake_datase
     assert computed == 16 + 4 * 12
     demo_fid.main(argv)  # everything is cached: no image is featurised again
     assert sum(seen) == computed
+    capsys.readouterr()
+    demo_fid.main(["--table", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.strip() == demo_fid.markdown_table(results)
+    with pytest.raises(SystemExit, match="no results"):
+        demo_fid.main(["--table", "--out", str(tmp_path / "nothing")])

@@ -103,7 +103,14 @@ def main(argv=None) -> None:
         help="also score n real train images and their autoencoder reconstructions (FID's floors at this n)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/fid"))
+    p.add_argument("--table", action="store_true", help="only print the table of <out>/results.json")
     args = p.parse_args(argv)
+    if args.table:
+        results_file = args.out / "results.json"
+        if not results_file.exists():
+            raise SystemExit(f"error: no results at {results_file}")
+        print(markdown_table(json.loads(results_file.read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
