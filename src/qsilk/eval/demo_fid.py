@@ -47,25 +47,34 @@ def cached_features(
     return torch.cat(parts)
 
 
-def dataset_images(split: str = "test") -> Callable[[int, int], torch.Tensor]:
-    """Fashion-MNIST images ``start .. start+count-1`` of ``split`` at model resolution, in [0, 1]."""
+def _model_images(split: str) -> Callable[[int, int], torch.Tensor]:
+    """Images ``start .. start+count-1`` of ``split`` at model resolution in [-1, 1]; the IDX file is read once, on
+    first use (a fully cached run never needs the data set)."""
     from qsilk.models.demo.data import load_fashion_mnist, to_model_images
 
+    loaded: list = []
+
     def make(start: int, count: int) -> torch.Tensor:
-        images, _ = load_fashion_mnist(split)
-        return (to_model_images(images[start : start + count]) + 1) / 2
+        if not loaded:
+            loaded.append(load_fashion_mnist(split)[0])
+        return to_model_images(loaded[0][start : start + count])
 
     return make
 
 
+def dataset_images(split: str = "test") -> Callable[[int, int], torch.Tensor]:
+    """Fashion-MNIST images ``start .. start+count-1`` of ``split`` at model resolution, in [0, 1]."""
+    images = _model_images(split)
+    return lambda start, count: (images(start, count) + 1) / 2
+
+
 def reconstructed_images(vae, split: str = "train") -> Callable[[int, int], torch.Tensor]:
     """The same images passed through the autoencoder (posterior mean): the floor any latent model sits on."""
-    real = dataset_images(split)
+    images = _model_images(split)
 
     @torch.no_grad()
     def make(start: int, count: int) -> torch.Tensor:
-        x = real(start, count) * 2 - 1
-        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        z = vae.encode(images(start, count).to(vae.device, vae.dtype)).latent_dist.mean
         return (vae.decode(z).sample.float().cpu() / 2 + 0.5).clamp(0, 1)
 
     return make
