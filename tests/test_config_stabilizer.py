@@ -65,7 +65,7 @@ def test_config_round_trip_property(quantile, mode, tile, window, confidence):
         ({"ema": 1.0}, "ema"),
         ({"placement": "latent"}, "placement"),
         ({"nonsense": 1}, "unknown"),
-        ({"clamp_quantile": "a lot"}, "invalid"),
+        ({"clamp_quantile": "a lot"}, "clamp_quantile"),
     ],
 )
 def test_config_rejects_bad_values(bad, match):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +14,55 @@ from typing import Any
 CONFIDENCE_SOURCES = ("structure", "attention", None)
 PLACEMENTS = ("x0", "final")
 
+# Named presets shipped with the package: the fields each one changes from the defaults.
+# "strong": a 1 % clamp quantile and a narrower AQClip corridor, the setting the README hero image uses
+# (configs/qsilk-strong.json holds the same values; a test keeps them equal).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "strong": {"clamp_quantile": 0.01, "aqclip_k_min": 1.5, "aqclip_k_max": 3.0},
+}
+
+
+_BOOLS = ("clamp", "clamp_per_channel", "aqclip")
+_INTS = ("aqclip_tile", "aqclip_stride", "attention_max_queries", "attention_max_heads")
+_FLOATS = (
+    "clamp_quantile",
+    "clamp_softness",
+    "aqclip_k_min",
+    "aqclip_k_max",
+    "aqclip_softness",
+    "ema",
+    "attention_ema",
+)
+_WINDOWS = ("clamp_window", "aqclip_window")
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):  # "false", 0 and 1 are not booleans: a string "false" would read as True
+        raise ValueError(f"{name} must be true or false (a boolean), got {value!r}")
+    return value
+
+
+def _int(value: Any, name: str) -> int:
+    # Integral floats (16.0) are rejected too: one rule from Python and JSON alike, no silent truncation.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
 
 def _window(value: Any, name: str) -> tuple[float, float]:
-    try:
-        start, end = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (start, end) in progress units, got {value!r}") from None
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair [start, end] in progress units, got {value!r}")
+    start, end = (_float(v, name) for v in value)
     if not 0.0 <= start <= end <= 1.0:
         raise ValueError(f"{name} must satisfy 0 <= start <= end <= 1, got {value!r}")
     return (start, end)
@@ -55,12 +101,22 @@ class QSilkConfig:
     attention_ema: float = 0.0
 
     def __post_init__(self) -> None:
-        self.clamp_window = _window(self.clamp_window, "clamp_window")
-        self.aqclip_window = _window(self.aqclip_window, "aqclip_window")
+        # Types first (every value, from Python or JSON), then ranges; each error names its key.
+        for name in _BOOLS:
+            setattr(self, name, _bool(getattr(self, name), name))
+        for name in _INTS:
+            setattr(self, name, _int(getattr(self, name), name))
+        for name in _FLOATS:
+            setattr(self, name, _float(getattr(self, name), name))
+        for name in _WINDOWS:
+            setattr(self, name, _window(getattr(self, name), name))
         if self.attention_layers is not None:
-            if isinstance(self.attention_layers, str):
-                raise ValueError("attention_layers must be a list of layer names, not a single string")
-            self.attention_layers = tuple(str(n) for n in self.attention_layers)
+            layers = self.attention_layers
+            if isinstance(layers, str) or not isinstance(layers, Sequence):
+                raise ValueError(f"attention_layers must be a list of layer names or null, got {layers!r}")
+            if not all(isinstance(n, str) and n for n in layers):
+                raise ValueError(f"attention_layers must contain non-empty strings, got {layers!r}")
+            self.attention_layers = tuple(layers)
         if not 0.0 < self.clamp_quantile < 0.5:
             raise ValueError(f"clamp_quantile must be in (0, 0.5), got {self.clamp_quantile!r}")
         if self.clamp_mode not in ("soft", "hard"):
@@ -90,6 +146,17 @@ class QSilkConfig:
     def noop(cls) -> QSilkConfig:
         """Every operator off: enabling QSilk with this config leaves a pipeline bit-identical."""
         return cls(clamp=False, aqclip=False)
+
+    @classmethod
+    def preset(cls, name: str) -> QSilkConfig:
+        """A named preset shipped with the package (see :meth:`preset_names`), e.g. ``QSilkConfig.preset("strong")``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown QSilk preset {name!r}; available presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @staticmethod
+    def preset_names() -> tuple[str, ...]:
+        return tuple(PRESETS)
 
     @property
     def is_noop(self) -> bool:

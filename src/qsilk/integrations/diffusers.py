@@ -18,6 +18,7 @@ block, or ``handle.remove()``) restores the scheduler's ``__dict__`` and removes
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -29,11 +30,12 @@ from qsilk.config import QSilkConfig
 from qsilk.sampling.adapters import (
     SchedulerAdapter,
     StepPoint,
+    UnsupportedSchedulerError,
     adapter_for,
     output_to_x0,
     x0_delta_to_output,
 )
-from qsilk.stabilizer import QSilk
+from qsilk.stabilizer import QSilk, StepStats
 
 _MISSING = object()
 _HANDLE_ATTR = "_qsilk_handle"
@@ -77,18 +79,83 @@ def grid_from_ids(img_ids: Tensor, num_tokens: int) -> tuple[int, int] | None:
     return (h, w)
 
 
-# Pipelines whose denoiser batch is [cond, uncond] (most diffusers pipelines batch [uncond, cond]).
-COND_FIRST_PIPELINES = ("DiTPipeline", "QSilkDemoPipeline")
+# The CFG layout of diffusers pipelines, the one place the attention probe learns which half of a CFG batch is the
+# conditional one. Facts read in the diffusers 0.42.1 sources (tests/test_integration_attention.py re-reads the
+# installed sources for every entry). A pipeline's own ``cfg_order`` attribute takes precedence (the demo pipeline
+# declares one); a subclass inherits its base's entry; an unknown pipeline gets "uncond_cond" with a warning.
+#   "uncond_cond": one denoiser call on [uncond, cond]: torch.cat([negative_prompt_embeds, prompt_embeds]),
+#                  noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+#   "cond_uncond": one denoiser call on [cond, uncond] (cond_eps, uncond_eps = torch.split(eps, len(eps) // 2)), or
+#                  separate denoiser calls with the conditional one first (the probe keeps a step's first call)
+CFG_ORDER: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            # Stable Diffusion 1.x / 2.x
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+            "StableDiffusionControlNetPipeline",
+            # SDXL, Kolors
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+            "StableDiffusionXLControlNetPipeline",
+            "KolorsPipeline",
+            # SD3 / SD3.5 (skip-layer guidance adds a third, separate call after the batched one)
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+            # DiT-like text-to-image transformers
+            "PixArtAlphaPipeline",
+            "PixArtSigmaPipeline",
+            "SanaPipeline",
+            "HunyuanDiTPipeline",
+            "AuraFlowPipeline",
+        ),
+        "uncond_cond",
+    ),
+    # batched [cond, uncond]: DiT (class-conditional; steps on the doubled latent batch), Lumina-Next
+    **dict.fromkeys(("DiTPipeline", "LuminaPipeline"), "cond_uncond"),
+    # separate calls, conditional first: Flux "true CFG" (negative prompt), Chroma, Qwen-Image, Lumina 2, CogView4
+    **dict.fromkeys(
+        (
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxKontextPipeline",
+            "ChromaPipeline",
+            "QwenImagePipeline",
+            "Lumina2Pipeline",
+            "CogView4Pipeline",
+        ),
+        "cond_uncond",
+    ),
+}
+CFG_ORDERS = ("uncond_cond", "cond_uncond")
 
 
 def cfg_order_of(pipe: Any) -> str:
-    """The CFG batch order of a pipeline's denoiser calls: its own ``cfg_order`` attribute if it declares one,
-    else "cond_uncond" for the known cond-first pipelines, else diffusers' usual "uncond_cond"."""
+    """The CFG batch order of a pipeline's denoiser calls: ``"uncond_cond"`` or ``"cond_uncond"``.
+
+    The pipeline's own ``cfg_order`` attribute if it declares one, else the entry of its class (or of the nearest
+    base class) in :data:`CFG_ORDER`; an unknown pipeline gets diffusers' usual "uncond_cond" and a warning."""
     declared = getattr(pipe, "cfg_order", None)
-    if declared in ("uncond_cond", "cond_uncond"):
+    if declared is not None:
+        if declared not in CFG_ORDERS:
+            raise ValueError(f"{type(pipe).__name__}.cfg_order must be one of {CFG_ORDERS}, got {declared!r}")
         return declared
-    if any(k.__name__ in COND_FIRST_PIPELINES for k in type(pipe).__mro__):
-        return "cond_uncond"
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in CFG_ORDER:
+            return CFG_ORDER[cls.__name__]
+    warnings.warn(
+        f"qsilk: the CFG batch order of {type(pipe).__name__} is unknown (not in "
+        "qsilk.integrations.diffusers.CFG_ORDER); the attention probe assumes diffusers' usual [uncond, cond]. "
+        "If this pipeline batches [cond, uncond], set pipe.cfg_order = 'cond_uncond' before qsilk.enable.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return "uncond_cond"
 
 
@@ -102,7 +169,10 @@ class QSilkHandle:
         stab: the :class:`qsilk.QSilk` instance applied at each step.
         config: its :class:`qsilk.QSilkConfig`.
         stats: one dict per scheduler call: ``stab.last_stats`` plus ``step``, ``progress``, ``timestep``,
-            ``sigma``, ``index`` (position in ``scheduler.timesteps``), ``phase`` and ``run`` (JSON-serialisable).
+            ``sigma``, ``index`` (position in ``scheduler.timesteps``), ``phase``, ``run`` and ``confidence_source``
+            (JSON-serialisable). ``confidence_source`` says where the step's AQClip confidence came from: "structure",
+            None (uniform), "attention" (the probe's map), "custom" (a user's provider), or, when the provider gave
+            no map, "structure (fallback: <reason>)" (e.g. a fast attention backend bypassed SDPA).
         maps: with ``record_maps=True``, one dict per call: ``step``, ``confidence`` ((B, 1, H, W) cpu float or
             None) and ``delta`` ((B, 1, H, W) cpu float, mean |x0' - x0| over channels).
         confidence_provider: callable(x0, step) -> (B, 1, h, w) map in [0, 1] or None, called on every scheduler
@@ -116,7 +186,7 @@ class QSilkHandle:
         self.stab = QSilk(config)
         self.adapter = adapter
         self.record_maps = bool(record_maps)
-        self.stats: list[dict] = []
+        self._stats: list[tuple[StepStats | None, dict]] = []  # device-side until .stats is read
         self.maps: list[dict] = []
         self.confidence_provider: ConfidenceProvider | None = None
         self.probe = None
@@ -132,6 +202,8 @@ class QSilkHandle:
         self._last_confidence: Tensor | None = None
         self._warned: set[str] = set()
         self._installed = False
+        # where this step's AQClip confidence came from; see the class docstring (stats key "confidence_source")
+        self._confidence_source: str | None = config.confidence
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -139,13 +211,25 @@ class QSilkHandle:
     def installed(self) -> bool:
         return self._installed
 
-    def _install(self) -> QSilkHandle:
-        scheduler = self.scheduler
+    @property
+    def stats(self) -> list[dict]:
+        """One JSON-safe dict per scheduler call (see the class docstring). Statistics stay on the device during
+        sampling; reading this list copies the pending ones to the host in one transfer."""
+        pending = [entry for entry in self._stats if entry[0] is not None]
+        values = StepStats.to_dicts([entry[0] for entry in pending])
+        for entry, value in zip(pending, values, strict=True):
+            entry[1].update(value)
+        self._stats = [(None, extra) for _, extra in self._stats]
+        return [extra for _, extra in self._stats]
+
+    def _patch_scheduler(self, scheduler) -> None:
+        self.scheduler = scheduler
         self._saved_step = scheduler.__dict__.get("step", _MISSING)
         original = scheduler.step  # bound method, or a previous instance-level wrapper (composes)
 
         def step(*args, **kwargs):
-            if not self._installed:  # removed while another wrapper sat on top of this one: pass through
+            # removed (or moved to a new pipe.scheduler) while another wrapper sat on top of this one: pass through
+            if not self._installed or self._wrapper is not step:
                 return original(*args, **kwargs)
             return self._step(original, args, kwargs)
 
@@ -156,9 +240,52 @@ class QSilkHandle:
         step.__qsilk_handle__ = self  # type: ignore[attr-defined]
         scheduler.step = step
         self._wrapper = step
-        denoiser = getattr(self.pipe, "transformer", None)
-        if isinstance(denoiser, torch.nn.Module):
-            self._hooks.append(denoiser.register_forward_pre_hook(self._read_img_ids, with_kwargs=True))
+        self._timesteps_ref, self._last_index = None, None
+
+    def _unpatch_scheduler(self) -> None:
+        scheduler = self.scheduler
+        if scheduler.__dict__.get("step") is not self._wrapper:
+            # Someone wrapped step after us: unwrapping would drop their wrapper, so ours stays as a pass-through.
+            warnings.warn(
+                f"qsilk: {type(scheduler).__name__}.step was wrapped again after qsilk.enable; qsilk now passes "
+                "through unchanged but stays in that chain until the outer wrapper is removed.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        elif self._saved_step is _MISSING:
+            scheduler.__dict__.pop("step", None)
+        else:
+            scheduler.step = self._saved_step
+        self._wrapper = None
+
+    def _follow_scheduler(self) -> None:
+        """Denoiser pre-hook: when ``pipe.scheduler`` was replaced after ``enable``, move the patch to the new
+        scheduler before it steps (or raise if it has no adapter), so QSilk never goes silently inert."""
+        new = getattr(self.pipe, "scheduler", None)
+        if new is self.scheduler or new is None:
+            return
+        try:
+            adapter = adapter_for(new)
+        except UnsupportedSchedulerError as err:
+            raise UnsupportedSchedulerError(
+                f"pipe.scheduler was replaced by {type(new).__name__} after qsilk.enable and qsilk cannot follow: "
+                f"{err} (qsilk.disable(pipe) runs without QSilk)"
+            ) from None
+        previous = getattr(new.__dict__.get("step"), "__qsilk_handle__", None)
+        if previous is not None and previous is not self:  # one QSilk per scheduler, the newest wins
+            previous.remove()
+        self._unpatch_scheduler()
+        self.adapter = adapter
+        self._patch_scheduler(new)
+
+    def _install(self) -> QSilkHandle:
+        self._patch_scheduler(self.scheduler)
+        # one pre-hook on the denoiser: follow a replaced pipe.scheduler, read Flux's img_ids
+        for name in ("transformer", "unet", "prior"):
+            model = getattr(self.pipe, name, None)
+            if isinstance(model, torch.nn.Module):
+                self._hooks.append(model.register_forward_pre_hook(self._before_denoiser, with_kwargs=True))
+                break
         if self.config.confidence == "attention" and not self.config.is_noop:
             self._install_probe()
         self._installed = True
@@ -191,19 +318,7 @@ class QSilkHandle:
         """Restore the scheduler's ``step`` exactly and take every hook off. Idempotent."""
         if not self._installed:
             return
-        scheduler = self.scheduler
-        if scheduler.__dict__.get("step") is not self._wrapper:
-            # Someone wrapped step after us: unwrapping would drop their wrapper, so ours stays as a pass-through.
-            warnings.warn(
-                f"qsilk: {type(scheduler).__name__}.step was wrapped again after qsilk.enable; qsilk now passes "
-                "through unchanged but stays in that chain until the outer wrapper is removed.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        elif self._saved_step is _MISSING:
-            scheduler.__dict__.pop("step", None)
-        else:
-            scheduler.step = self._saved_step
+        self._unpatch_scheduler()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -214,7 +329,7 @@ class QSilkHandle:
             delattr(self.pipe, _HANDLE_ATTR)
 
     def clear_stats(self) -> None:
-        self.stats.clear()
+        self._stats.clear()
         self.maps.clear()
 
     def reset(self) -> None:
@@ -237,6 +352,10 @@ class QSilkHandle:
         return f"QSilkHandle({type(self.pipe).__name__}, {type(self.scheduler).__name__}, {state})"
 
     # -- hooks -------------------------------------------------------------------------------------------------------
+
+    def _before_denoiser(self, module, args, kwargs) -> None:
+        self._follow_scheduler()
+        self._read_img_ids(module, args, kwargs)
 
     def _read_img_ids(self, module, args, kwargs) -> None:
         ids = kwargs.get("img_ids")
@@ -265,6 +384,13 @@ class QSilkHandle:
 
         point = self.adapter.locate(self.scheduler, timestep)
         self._maybe_new_run(point)
+        base = sample  # what the step takes x0 from: the sample, or Euler's churned sample (s_churn > 0)
+        if self.adapter.adjust is not None:
+            bound = inspect.signature(original).bind(*args, **kwargs)
+            bound.apply_defaults()
+            adjusted = self.adapter.adjust(self.scheduler, point, sample, dict(bound.arguments))
+            if adjusted is not None:
+                base, point = adjusted
         prediction = model_output
         learned_variance = (
             model_output.ndim == sample.ndim
@@ -278,15 +404,12 @@ class QSilkHandle:
         final = self.config.placement == "final"
         if view is not None:
             to_4d, from_4d = view
-            x0 = to_4d(output_to_x0(sample, prediction, point.c_skip, point.c_out))
+            x0 = to_4d(output_to_x0(base, prediction, point.c_skip, point.c_out))
             confidence = self._confidence(x0, point)  # every call: the probe consumes its step here
             if not final:
-                x0_new = self.stab(
-                    x0, sigma=point.sigma, step=point.step, num_steps=point.num_steps, progress=point.progress,
-                    confidence=confidence,
-                )  # fmt: skip
+                x0_new = self.stab(x0, progress=point.progress, confidence=confidence)
                 self._record(point, timestep, x0, x0_new)
-                if x0_new is not x0 and point.c_out != 0 and not torch.equal(x0_new, x0):
+                if x0_new is not x0 and point.c_out != 0:  # unchanged elements stay bit-identical (torch.where)
                     new_prediction = x0_delta_to_output(prediction, from_4d(x0), from_4d(x0_new), point.c_out)
                     if learned_variance:
                         new_prediction = torch.cat(
@@ -344,24 +467,39 @@ class QSilkHandle:
 
     def _confidence(self, x0: Tensor, point: StepPoint) -> Tensor | None:
         if self.confidence_provider is None:
+            self._confidence_source = self.config.confidence
             return None
         confidence = self.confidence_provider(x0, point.step)
         self._last_confidence = confidence
+        self._confidence_source = self._source_of(confidence)
         return confidence
 
+    def _source_of(self, confidence: Tensor | None) -> str | None:
+        """The stats' ``confidence_source``: "attention" (or "custom", a user's provider) when the provider gave a
+        map, else what QSilk falls back to and why: "structure (fallback: <reason>)" ("uniform (...)" without a
+        configured source)."""
+        if confidence is not None:
+            return "attention" if self.probe is not None else "custom"
+        if self.probe is not None:
+            reason = self.probe.last_problem or "the attention probe returned no map"
+        else:
+            reason = "the confidence provider returned no map"
+        fallback = "uniform" if self.config.confidence is None else "structure"
+        return f"{fallback} (fallback: {reason})"
+
     def _record(self, point: StepPoint, timestep, x0: Tensor, x0_new: Tensor, final: bool = False) -> None:
-        entry = dict(self.stab.last_stats)
-        entry.update(
+        entry = dict(
             step=point.step,
             progress=1.0 if final else point.progress,
             timestep=float(timestep.item() if isinstance(timestep, Tensor) else timestep),
-            sigma=point.sigma,
+            sigma=point.sigma if point.sigma is not None and math.isfinite(point.sigma) else None,  # inf: a = 0
             index=point.index,
             phase=point.phase,
             run=self._run,
             placement=self.config.placement,
+            confidence_source=self._confidence_source,
         )
-        self.stats.append(entry)
+        self._stats.append((self.stab.last_step_stats, entry))
         if self.record_maps:
             confidence = self.stab.last_confidence
             if confidence is None:
@@ -383,7 +521,7 @@ class QSilkHandle:
         to_4d, from_4d = view
         prev = result[0] if isinstance(result, tuple) else result.prev_sample
         latent = to_4d(prev)
-        new = self.stab(latent, sigma=0.0, confidence=self._last_confidence)  # all operators active, once
+        new = self.stab(latent, progress=1.0, confidence=self._last_confidence)  # once, at the end of the schedule
         self._record(point, timestep, latent, new, final=True)
         if new is latent:
             return result

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_latent
+from ._scale import pow2_scale
 from .saturate import soft_clip
 
 # Half-width floor relative to the channel's mean |x|: keeps flat tiles (std = 0) from clipping rounding noise.
@@ -66,6 +68,16 @@ def resize_confidence(confidence: torch.Tensor | None, like: torch.Tensor) -> to
     return c.clamp(0.0, 1.0).expand(like.shape[0], 1, *like.shape[-2:])
 
 
+def _index(value, name: str) -> int:
+    """Integers only (a float tile would silently depend on the matrix cache's earlier calls)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+
+
 def aqclip_corridor(
     x0: torch.Tensor,
     confidence: torch.Tensor | None = None,
@@ -76,38 +88,47 @@ def aqclip_corridor(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element corridor (centre, half-width), fp32 tensors shaped like ``x0`` (B, C, H, W).
 
-    ``confidence``: (B, 1, h, w) in [0, 1], resized to the latent grid; None = uniform 0.5."""
+    ``confidence``: (B, 1, h, w) in [0, 1], resized to the latent grid; None = uniform 0.5.
+
+    The whole batch is computed at once; each sample's statistics involve only that sample (per-sample scale,
+    per-sample channel means, products that never mix samples). Statistics are taken on ``x0 / s`` with ``s`` a
+    per-sample power of two near max|x0|, so the corridor is exactly equivariant under power-of-two scaling and
+    neither over- nor underflows for any finite input."""
     check_latent(x0, min_dim=4)
     if x0.dim() != 4:
         raise ValueError(f"aqclip needs (B, C, H, W) input, got shape {tuple(x0.shape)}")
+    tile, stride = _index(tile, "tile"), _index(stride, "stride")
     if tile < 1 or stride < 1:
         raise ValueError(f"tile and stride must be >= 1, got tile={tile}, stride={stride}")
     if stride > tile:
         raise ValueError(
             f"stride ({stride}) must not exceed tile ({tile}), or elements would be left uncovered"
         )
-    if not 0 <= k_min <= k_max:
-        raise ValueError(f"need 0 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    if not (math.isfinite(k_min) and math.isfinite(k_max) and 0 <= k_min <= k_max):
+        raise ValueError(f"need finite 0 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
     _, _, height, width = x0.shape
     avg_h, blend_h = _axis_matrices(height, tile, stride, x0.device)
     avg_w, blend_w = _axis_matrices(width, tile, stride, x0.device)
     conf = resize_confidence(confidence, x0)
-    centres, halves = [], []
-    # One sample at a time: matrix products may block differently for different batch sizes, and a sample's
-    # result must not depend on its batch mates.
-    for i in range(x0.shape[0]):
-        x = x0[i].detach().float()  # (C, H, W)
-        offset = x.mean(dim=(1, 2), keepdim=True)  # centring keeps E[x^2] - E[x]^2 well conditioned
-        xc = x - offset
-        mean = avg_h @ xc @ avg_w.T  # (C, nh, nw)
-        var = (avg_h @ (xc * xc) @ avg_w.T - mean * mean).clamp_min(0.0)
-        centre = blend_h @ mean @ blend_w.T + offset
-        spread = blend_h @ var.sqrt() @ blend_w.T
-        c = conf[i] if conf is not None else torch.full_like(x[:1], 0.5)
-        floor = _FLOOR_REL * x.abs().mean(dim=(1, 2), keepdim=True) + 1e-6 * spread.mean() + 1e-12
-        halves.append((k_min + (k_max - k_min) * c) * spread + floor)
-        centres.append(centre)
-    return torch.stack(centres), torch.stack(halves)
+    x = x0.detach().float()
+    scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
+    x = x / scale
+    offset = x.mean(dim=(2, 3), keepdim=True)  # centring keeps E[x^2] - E[x]^2 well conditioned
+    xc = x - offset
+    # (n, H) @ (B, C, H, W) @ (W, m): batched products over (B, C); each output row sums one sample's values only
+    mean = avg_h @ xc @ avg_w.T  # (B, C, nh, nw)
+    var = (avg_h @ (xc * xc) @ avg_w.T - mean * mean).clamp_min(0.0)
+    centre = blend_h @ mean @ blend_w.T + offset
+    spread = blend_h @ var.sqrt() @ blend_w.T
+    c = conf if conf is not None else 0.5
+    # Floors relative to the sample (never absolute): flat tiles must not clip rounding noise at any scale.
+    floor = (
+        _FLOOR_REL * x.abs().mean(dim=(2, 3), keepdim=True)
+        + 1e-6 * spread.mean(dim=(1, 2, 3), keepdim=True)
+        + 1e-12
+    )
+    half = (k_min + (k_max - k_min) * c) * spread + floor
+    return centre * scale, half * scale
 
 
 def apply_corridor(

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_fraction, check_latent
+from ._scale import pow2_scale
 from .quantile import tail_quantiles
 
 
@@ -13,6 +14,7 @@ def gradient_energy(x0: torch.Tensor) -> torch.Tensor:
     """Per-element squared central-difference gradient, each channel scaled by its own variance, averaged over
     channels: (B, 1, H, W) fp32. Channels of different scales count equally."""
     x = x0.detach().float()
+    x = x / pow2_scale(x, (2, 3))  # exact; keeps the variance finite and normal for any finite input
     x = x / x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6) if x.shape[-1] * x.shape[-2] > 1 else x
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     dx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) * 0.5

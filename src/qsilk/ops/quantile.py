@@ -28,6 +28,13 @@ def _rank(q: float, n: int) -> tuple[int, int, float]:
     return below, math.ceil(rank), rank - below  # rank - floor(rank) is exact in fp32
 
 
+def _lerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """torch.lerp (bit for bit, as torch.quantile uses it) where finite; where b - a overflows (values of opposite
+    sign near the fp32 limits) the overflow-free convex form a (1 - w) + b w, which lies between a and b."""
+    out = a.lerp(b, w)
+    return torch.where(torch.isfinite(out), out, a * (1.0 - w) + b * w)
+
+
 def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (Q_q, Q_(1-q)) of each row of a 2-D fp32 tensor, shape (R, 1) each, equal to torch.quantile.
 
@@ -42,12 +49,12 @@ def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Te
     hi_b, hi_a, hi_w = _rank(1.0 - q, n)
     if lo_a + 1 > _TOPK_LIMIT * n:
         ordered = rows.sort(dim=1).values
-        lo = ordered[:, lo_b : lo_b + 1].lerp(ordered[:, lo_a : lo_a + 1], lo_w)
-        hi = ordered[:, hi_b : hi_b + 1].lerp(ordered[:, hi_a : hi_a + 1], hi_w)
+        lo = _lerp(ordered[:, lo_b : lo_b + 1], ordered[:, lo_a : lo_a + 1], lo_w)
+        hi = _lerp(ordered[:, hi_b : hi_b + 1], ordered[:, hi_a : hi_a + 1], hi_w)
         return lo, hi
     small = rows.topk(lo_a + 1, dim=1, largest=False, sorted=True).values  # small[:, i] = i-th smallest
-    lo = small[:, lo_b : lo_b + 1].lerp(small[:, lo_a : lo_a + 1], lo_w)
+    lo = _lerp(small[:, lo_b : lo_b + 1], small[:, lo_a : lo_a + 1], lo_w)
     k_hi = n - hi_b  # the (n - hi_b) largest cover ranks hi_b .. n-1
     large = rows.topk(k_hi, dim=1, largest=True, sorted=True).values  # large[:, j] = rank n-1-j
-    hi = large[:, n - 1 - hi_b : n - hi_b].lerp(large[:, n - 1 - hi_a : n - hi_a], hi_w)
+    hi = _lerp(large[:, n - 1 - hi_b : n - hi_b], large[:, n - 1 - hi_a : n - hi_a], hi_w)
     return lo, hi

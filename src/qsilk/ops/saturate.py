@@ -24,9 +24,13 @@ def soft_clip(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, softness: flo
     if softness <= 0:
         y = torch.minimum(torch.maximum(v, lo_v), hi_v)
     else:
-        margin = (softness * 0.5 * (hi_v - lo_v)).clamp_min(torch.finfo(torch.float32).tiny)
+        # Halve before subtracting: hi - lo overflows fp32 for corridors wider than 3.4e38 (then tanh * inf = NaN).
+        finfo = torch.finfo(torch.float32)
+        margin = (softness * (0.5 * hi_v - 0.5 * lo_v)).clamp(finfo.tiny, finfo.max)
         edge = torch.where(v > hi_v, hi_v, lo_v)
         y = edge + margin * torch.tanh((v - edge) / margin)
+        # y lies between the edge and v; only rounding at the very top of the fp32 range could leave that interval
+        y = torch.minimum(torch.maximum(y, torch.minimum(edge, v)), torch.maximum(edge, v))
     out = x.clone()
     out[where] = y.to(x.dtype)
     return out

@@ -21,6 +21,7 @@ Families:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,10 +39,24 @@ class UnsupportedSchedulerError(ValueError):
 # -- parameterisations: (c_skip, c_out) with x0 = c_skip * sample + c_out * model_output ----------------------------
 
 
+class ZeroTerminalSNRError(UnsupportedSchedulerError):
+    """An epsilon-prediction model at a timestep with alphas_cumprod == 0: x0 is undefined there."""
+
+
 def alpha_coefficients(alpha_prod: float, prediction_type: str) -> tuple[float, float]:
-    """VP models at a discrete timestep: x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alphas_cumprod[t]."""
+    """VP models at a discrete timestep: x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alphas_cumprod[t].
+
+    At a = 0 (zero terminal SNR, ``rescale_betas_zero_snr=True``) v- and sample-prediction stay finite
+    (v: x0 = -v); epsilon-prediction has no x0 there and raises :class:`ZeroTerminalSNRError`."""
     a, b = math.sqrt(alpha_prod), math.sqrt(1.0 - alpha_prod)
     if prediction_type == "epsilon":
+        if a == 0.0:
+            raise ZeroTerminalSNRError(
+                "alphas_cumprod is 0 at this timestep (zero terminal SNR, e.g. rescale_betas_zero_snr=True with "
+                "trailing spacing): an epsilon-prediction model carries no information about x0 there "
+                "(x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0). Zero-SNR schedules need a v_prediction "
+                "model; for an epsilon model set rescale_betas_zero_snr=False."
+            )
         return 1.0 / a, -b / a
     if prediction_type == "v_prediction":
         return a, -b
@@ -153,8 +168,11 @@ def _lookup_index(timesteps: Tensor, timestep) -> int:
 def _alpha_point(scheduler, timestep, index: int, step: int, num_steps: int, phase: int = 0) -> StepPoint:
     t = int(_item(timestep))
     alpha_prod = _item(scheduler.alphas_cumprod[t])
-    c_skip, c_out = alpha_coefficients(alpha_prod, _prediction_type(scheduler))
-    sigma = math.sqrt((1.0 - alpha_prod) / alpha_prod)
+    try:
+        c_skip, c_out = alpha_coefficients(alpha_prod, _prediction_type(scheduler))
+    except ZeroTerminalSNRError as err:
+        raise ZeroTerminalSNRError(f"{type(scheduler).__name__} at timestep {t}: {err}") from None
+    sigma = math.sqrt((1.0 - alpha_prod) / alpha_prod) if alpha_prod > 0 else math.inf  # pure noise at a = 0
     return StepPoint(index, step, num_steps, sigma, c_skip, c_out, phase)
 
 
@@ -226,6 +244,61 @@ def locate_flow(scheduler, timestep) -> StepPoint:
     return StepPoint(index, index, len(scheduler.timesteps), sigma, c_skip, c_out)
 
 
+# -- Euler with churn ------------------------------------------------------------------------------------------------
+
+
+def _peek_noise(draw: Callable[[], Tensor], generator, device: torch.device) -> Tensor:
+    """Call ``draw`` (which consumes random numbers) and restore every RNG it may have used, so the scheduler's
+    own step draws exactly the same numbers afterwards."""
+    generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
+    if generators:
+        states = [g.get_state() for g in generators]
+        try:
+            return draw()
+        finally:
+            for g, state in zip(generators, states, strict=True):
+                g.set_state(state)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return draw()
+
+
+def euler_churn(scheduler, point: StepPoint, sample: Tensor, step_args: dict) -> tuple[Tensor, StepPoint] | None:
+    """``EulerDiscreteScheduler.step(s_churn > 0)`` first adds noise, ``x_hat = x + eps sqrt(sigma_hat^2 - sigma^2)``
+    with ``sigma_hat = sigma (1 + gamma)``, and takes x0 from ``x_hat`` (epsilon: ``x_hat - sigma_hat * out``).
+
+    Returns (x_hat, the point with those coefficients), drawing the same noise the step will draw (RNG state
+    restored), or None when this call does not churn. ``step_args``: the step's bound arguments."""
+    s_churn = float(step_args.get("s_churn", 0.0) or 0.0)
+    if s_churn <= 0:
+        return None
+    sigmas = scheduler.sigmas
+    sigma = sigmas[point.index]
+    s_tmin, s_tmax = step_args.get("s_tmin", 0.0), step_args.get("s_tmax", float("inf"))
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return None
+    from diffusers.utils.torch_utils import randn_tensor
+
+    model_output, generator = step_args["model_output"], step_args.get("generator")
+    noise = _peek_noise(
+        lambda: randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        ),
+        generator,
+        model_output.device,
+    )
+    sigma_hat = sigma * (gamma + 1)
+    # the same tensor arithmetic as the scheduler, so x_hat matches its own bit for bit
+    sample_hat = sample.to(torch.float32) + noise * step_args.get("s_noise", 1.0) * (sigma_hat**2 - sigma**2) ** 0.5
+    prediction_type = _prediction_type(scheduler)
+    if prediction_type == "epsilon":
+        c_skip, c_out = 1.0, -_item(sigma_hat)
+    else:  # v: the scheduler keeps sigma's coefficients on x_hat; sample: x0 = out
+        c_skip, c_out = karras_coefficients(_item(sigma), prediction_type)
+    return sample_hat, dataclasses.replace(point, c_skip=c_skip, c_out=c_out)
+
+
 # -- the table ----------------------------------------------------------------------------------------------------------
 
 
@@ -235,6 +308,9 @@ class SchedulerAdapter:
     locate: Callable[[object, object], StepPoint]
     prediction_types: tuple[str, ...]
     returns_x0: bool  # the step output carries pred_original_sample
+    # (scheduler, point, sample, bound step arguments) -> (sample x0 is taken from, point) when a step kwarg
+    # changes the x0 formula (Euler's s_churn), else None
+    adjust: Callable[[object, StepPoint, Tensor, dict], tuple[Tensor, StepPoint] | None] | None = None
 
 
 _VP = ("epsilon", "v_prediction", "sample")
@@ -243,7 +319,9 @@ ADAPTERS: dict[str, SchedulerAdapter] = {
     "DDIMScheduler": SchedulerAdapter("alpha", locate_ddim, _VP, True),
     "DDPMScheduler": SchedulerAdapter("alpha", locate_ddim, _VP, True),
     "PNDMScheduler": SchedulerAdapter("alpha", locate_pndm, _EPS_V, False),
-    "EulerDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _VP + ("original_sample",), True),
+    "EulerDiscreteScheduler": SchedulerAdapter(
+        "karras", locate_karras, _VP + ("original_sample",), True, adjust=euler_churn
+    ),
     "EulerAncestralDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _EPS_V, True),
     "LMSDiscreteScheduler": SchedulerAdapter("karras", locate_karras, _VP, True),
     "HeunDiscreteScheduler": SchedulerAdapter("karras", locate_heun, _VP, True),
@@ -287,7 +365,9 @@ __all__ = [
     "SchedulerAdapter",
     "StepPoint",
     "UnsupportedSchedulerError",
+    "ZeroTerminalSNRError",
     "adapter_for",
+    "euler_churn",
     "alpha_coefficients",
     "alpha_sigma_coefficients",
     "flow_coefficients",
