@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qsilk import aqclip, micro_clamp, structure_confidence
+from qsilk import QSilk, aqclip, micro_clamp, structure_confidence
 from qsilk.ops import aqclip_corridor, soft_clip, tail_quantiles, tile_starts
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -320,3 +320,103 @@ def _quantile_bounds(xf):
     ref = torch.quantile(flat, torch.tensor([0.001, 0.999]), dim=1)
     shape = (xf.shape[0],) + (1,) * (xf.dim() - 1)
     return ref[0].reshape(shape), ref[1].reshape(shape)
+
+
+# -- extreme but finite inputs, scale safety (issue 7, item 5) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_micro_clamp_near_the_fp32_limits_stays_finite(mode):
+    # the corridor width hi - lo overflowed fp32 here and tanh(0) * inf gave NaN
+    x = torch.tensor([[-3e38, 0.0, 3e38, 1.0]])
+    y = micro_clamp(x, mode=mode)
+    assert bool(torch.isfinite(y).all())
+    lo, hi = torch.quantile(x, torch.tensor([0.001, 0.999]), dim=1)
+    assert float(y.min()) >= float(lo) - 0.25 * (0.5 * float(hi) - 0.5 * float(lo))
+    assert torch.equal(y[:, 1:2], x[:, 1:2])  # 0 is inside the corridor
+    # opposite-sign neighbours near the limit: the quantile interpolation itself overflowed
+    x2 = torch.tensor([[-3.3e38, 3.3e38]])
+    lo2, hi2 = tail_quantiles(x2, 0.25)
+    assert bool(torch.isfinite(lo2).all() and torch.isfinite(hi2).all())
+    assert -3.3e38 <= float(lo2) <= float(hi2) <= 3.3e38
+    assert bool(torch.isfinite(micro_clamp(x2, 0.25, mode=mode)).all())
+
+
+def test_soft_clip_with_a_corridor_wider_than_fp32():
+    x = torch.tensor([-3.4e38, 3.4e38, 0.0])
+    y = soft_clip(x, torch.tensor(-3e38), torch.tensor(3e38), 0.25)
+    assert bool(torch.isfinite(y).all()) and float(y[0]) < -3e38 and float(y[1]) > 3e38
+
+
+@pytest.mark.parametrize("scale", [3e38 / 8, 1e30, 1e18, 1e-19, 1e-30, 1e-36])
+def test_every_operator_acts_the_same_at_extreme_scales(scale):
+    """AQClip went silent for |x| >= 1e18 (E[x^2] overflowed) and <= 1e-19 (underflow, absolute floor)."""
+    x = gaussian(2, 4, 32, 32, seed=11)
+    x[0, 1, 5, 5] = 8.0
+    x[1, 2, 20, 9] = -7.0
+    xs = x * scale
+    for fn in (micro_clamp, aqclip, lambda t: aqclip(t, structure_confidence(t)), QSilk()):
+        ref, out = fn(x), fn(xs)
+        assert bool(torch.isfinite(out).all())
+        # the same elements are changed (x * scale is rounded, so an element on a corridor edge may flip)
+        assert int(((out != xs) != (ref != x)).sum()) <= 2 and int((ref != x).sum()) > 0
+        torch.testing.assert_close(out / scale, ref, rtol=1e-5, atol=1e-6)
+    assert float(aqclip(xs)[0, 1, 5, 5]) < 6.0 * scale  # the spike is clipped at any scale
+
+
+@given(exponent=st.integers(-100, 100), seed=st.integers(0, 2**16))
+def test_power_of_two_scaling_is_exactly_equivariant(exponent, seed):
+    """Statistics are taken on x / 2^k (exact), so QSilk(x * 2^k) == QSilk(x) * 2^k bit for bit."""
+    x = gaussian(2, 3, 20, 24, seed=seed)
+    x[0, 0, 3, 4] = 9.0
+    factor = 2.0**exponent
+    stab = QSilk()
+    assert torch.equal(stab(x * factor), stab(x) * factor)
+    assert torch.equal(structure_confidence(x * factor), structure_confidence(x))
+
+
+@given(
+    values=st.lists(
+        st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=8, max_size=64
+    ),
+    mode=st.sampled_from(["soft", "hard"]),
+)
+def test_finite_in_finite_out(values, mode):
+    n = len(values) // 4 * 4
+    x = torch.tensor(values[:n], dtype=torch.float32).reshape(1, 4, 1, n // 4)
+    assert bool(torch.isfinite(micro_clamp(x, mode=mode)).all())
+    assert bool(torch.isfinite(micro_clamp(x, mode=mode, per_channel=True)).all())
+    assert bool(torch.isfinite(aqclip(x, tile=2, stride=1)).all())
+    assert bool(torch.isfinite(aqclip(x, structure_confidence(x), tile=2, stride=1)).all())
+
+
+# -- batched corridor (issue 7, item 17) and integer tiles (item 6) --------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 16, 16), (64, 4, 16, 16), (100, 1, 32, 32), (7, 16, 13, 29)])
+def test_batched_corridor_gives_each_sample_its_own_result_bit_for_bit(shape):
+    """One batched computation; a sample's corridor and output are bit-identical alone and among batch mates
+    (on the CPU; other devices' matrix kernels may round differently by batch size)."""
+    x = gaussian(*shape, seed=shape[0])
+    x, _ = with_spikes(x, count=4, size=9.0)
+    conf = structure_confidence(x)
+    centre, half = aqclip_corridor(x, conf)
+    out = aqclip(x, conf)
+    for i in (0, shape[0] // 2, shape[0] - 1):
+        c1, h1 = aqclip_corridor(x[i : i + 1].clone(), conf[i : i + 1].clone())
+        assert torch.equal(centre[i : i + 1], c1) and torch.equal(half[i : i + 1], h1)
+        assert torch.equal(out[i : i + 1], aqclip(x[i : i + 1].clone(), conf[i : i + 1].clone()))
+    # a batch mate scaled by 1e6 changes nothing for the others
+    other = x.clone()
+    other[1] *= 1e6
+    assert torch.equal(aqclip_corridor(other, conf)[1][0], half[0])
+
+
+def test_tile_and_stride_must_be_integers_whatever_was_called_before():
+    x = gaussian(1, 4, 32, 32)
+    aqclip(x, tile=16, stride=8)  # fills the matrix cache for (32, 16, 8)
+    for tile, stride in [(16.0, 8), (16, 8.0), (True, 1)]:
+        with pytest.raises(TypeError, match="must be an int"):
+            aqclip(x, tile=tile, stride=stride)
+    with pytest.raises(ValueError, match="k_min"):
+        aqclip(x, k_min=1.0, k_max=float("inf"))
