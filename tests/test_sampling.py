@@ -306,3 +306,180 @@ def test_subclass_of_a_supported_scheduler_is_accepted():
         pass
 
     assert adapter_for(MyEuler()).family == "karras"
+
+
+# -- scheduler configuration variants (regression tests; issue 7, item 18) ------------------------------------------
+
+
+def own_history_check(sched, name, result, x, point, target):
+    """Compare the scheduler's own x0 (or the epsilon its history keeps) with the target; False if it has none."""
+    if getattr(result, "pred_original_sample", None) is not None:
+        assert_close(result.pred_original_sample, target)
+        return True
+    cfg = sched.config
+    keeps_eps = (
+        name == "deis"
+        or (name in ("dpmpp", "dpmpp_single") and cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"))
+        or (name == "unipc" and not cfg.predict_x0)
+    )
+    if keeps_eps:  # eps implied by the target x0 with the scheduler's own (alpha_t, sigma_t)
+        alpha_t, sigma_t = sched._sigma_to_alpha_sigma_t(sched.sigmas[point.index])
+        assert_close(sched.model_outputs[-1], (x - alpha_t * target) / sigma_t)
+        return True
+    if name in ("dpmpp", "dpmpp_single", "unipc"):
+        assert_close(sched.model_outputs[-1], target)
+        return True
+    return False
+
+
+def check_variant(scheduler, name, steps=STEPS, generator_seed=None):
+    """Run a schedule editing x0 at every call; the scheduler must step on exactly the edited x0."""
+    adapter = adapter_for(scheduler)
+    checked = []
+
+    def on_call(sched, t, x, out):
+        point = adapter.locate(sched, t)
+        x0 = output_to_x0(x, out, point.c_skip, point.c_out)
+        mask = torch.rand(x0.shape, generator=torch.Generator().manual_seed(int(point.index))) < 0.3
+        target = torch.where(mask, 0.5 * x0 + 0.25, x0)
+        new_out = x0_delta_to_output(out, x0, target, point.c_out)
+
+        def check(result):
+            if own_history_check(sched, name, result, x, point, target):
+                checked.append(point.index)
+
+        return new_out, check
+
+    run_schedule(scheduler, on_call, steps=steps)
+    assert checked, "no call was checked"
+    return checked
+
+
+KARRAS_CAPABLE = ("euler", "heun", "lms", "kdpm2", "dpmpp", "dpmpp_single", "unipc", "deis")
+VARIANTS = [(n, "karras", dict(use_karras_sigmas=True)) for n in KARRAS_CAPABLE]
+VARIANTS += [
+    (n, f"spacing-{s}", dict(timestep_spacing=s))
+    for n in ("ddim", "euler", "dpmpp", "unipc")
+    for s in ("leading", "linspace", "trailing")
+]
+VARIANTS += [
+    (n, f"final-{f}", dict(final_sigmas_type=f)) for n in ("dpmpp", "unipc", "euler") for f in ("zero", "sigma_min")
+]
+# (the non-++ types need final_sigmas_type="sigma_min": diffusers refuses "zero" for them)
+VARIANTS += [
+    ("dpmpp", f"algo-{a}", dict(algorithm_type=a, final_sigmas_type="sigma_min"))
+    for a in ("dpmsolver", "sde-dpmsolver", "sde-dpmsolver++")
+]
+VARIANTS += [("dpmpp_single", "algo-dpmsolver", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"))]
+VARIANTS += [("unipc", "predict_eps", dict(predict_x0=False)), ("unipc", "bh1", dict(solver_type="bh1"))]
+VARIANTS += [("dpmpp", "order3", dict(solver_order=3)), ("euler", "exponential", dict(use_exponential_sigmas=True))]
+
+
+@pytest.mark.parametrize("name, label, variant", VARIANTS, ids=[f"{n}-{lbl}" for n, lbl, _ in VARIANTS])
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
+def test_adapter_x0_on_scheduler_config_variants(name, label, variant, ptype):
+    base = make_scheduler(name, ptype)
+    scheduler = type(base).from_config(base.config, **variant)
+    assert {k: scheduler.config.get(k) for k in variant} == variant  # from_config drops unknown keys silently
+    torch.manual_seed(0)  # the SDE variants draw noise from the global generator
+    check_variant(scheduler, name)
+
+
+# -- zero terminal SNR (item 1) ---------------------------------------------------------------------------------------
+
+
+def zero_snr(name, ptype):
+    base = make_scheduler(name, ptype)
+    scheduler = type(base).from_config(base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0
+    return scheduler
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_zero_terminal_snr_v_prediction_has_finite_x0(name):
+    scheduler = zero_snr(name, "v_prediction")
+    point = adapter_for(scheduler).locate(scheduler, 999)
+    assert (point.c_skip, point.c_out) == (0.0, -1.0) and point.sigma == math.inf  # x0 = -v at a = 0
+    scheduler.set_timesteps(STEPS)
+    assert int(scheduler.timesteps[0]) == 999
+    torch.manual_seed(0)
+    assert 0 in check_variant(scheduler, name)  # the a = 0 call is checked against the scheduler's own x0
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_zero_terminal_snr_epsilon_is_a_clear_error(name):
+    scheduler = zero_snr(name, "epsilon")
+    scheduler.set_timesteps(STEPS)
+    with pytest.raises(UnsupportedSchedulerError, match="zero terminal SNR.*v_prediction"):
+        adapter_for(scheduler).locate(scheduler, scheduler.timesteps[0])
+    adapter_for(scheduler).locate(scheduler, scheduler.timesteps[1])  # a > 0: fine
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp", "unipc"])
+def test_zero_snr_on_sigma_schedulers(name):
+    """These clamp alphas_cumprod[-1] to 2^-24 (sigma = 4096): the adapters must stay exact there."""
+    base = make_scheduler(name, "v_prediction")
+    scheduler = type(base).from_config(base.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    torch.manual_seed(0)
+    if name == "euler_a":  # ancestral: checked through its pred_original_sample
+        adapter = adapter_for(scheduler)
+
+        def on_call(sched, t, x, out):
+            point = adapter.locate(sched, t)
+            x0 = output_to_x0(x, out, point.c_skip, point.c_out)
+            return out, lambda result: assert_close(result.pred_original_sample, x0)
+
+        run_schedule(scheduler, on_call)
+    else:
+        check_variant(scheduler, name)
+
+
+# -- Euler with churn (item 4) ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global-rng"])
+def test_euler_churn_x0_is_the_schedulers_own(ptype, seeded):
+    """s_churn > 0: the step adds noise first and takes x0 from the churned sample at sigma_hat. The adapter draws
+    the same noise (RNG restored), so an unedited run is bit-identical and an edited x0 is the one stepped on."""
+    churn = dict(s_churn=2.0, s_noise=1.003)
+    scheduler, plain = make_scheduler("euler", ptype), make_scheduler("euler", ptype)
+    adapter = adapter_for(scheduler)
+    gen, gen_plain = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for s in (scheduler, plain):
+        s.set_timesteps(STEPS)
+    x = x_plain = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    churned_calls = 0
+    for i, t in enumerate(scheduler.timesteps):
+        out = fake_model(scheduler.scale_model_input(x, t), t)
+        point = adapter.locate(scheduler, t)
+        torch.manual_seed(100 + i)
+        args = dict(model_output=out, generator=gen if seeded else None, **churn)
+        adjusted = adapter.adjust(scheduler, point, x, args)
+        base, point = adjusted if adjusted is not None else (x, point)
+        churned_calls += adjusted is not None
+        x0 = output_to_x0(base, out, point.c_skip, point.c_out)
+        # unedited: the adapter's x0 is the scheduler's own, and peeking the noise changed nothing
+        plain.scale_model_input(x_plain, t)
+        torch.manual_seed(100 + i)
+        own = plain.step(out, t, x_plain, generator=gen_plain if seeded else None, **churn)
+        assert_close(own.pred_original_sample, x0)
+        # edited: the scheduler steps on exactly the edited x0
+        target = x0.clamp(-0.5, 0.5)
+        new_out = x0_delta_to_output(out, x0, target, point.c_out) if ptype != "sample" else target
+        torch.manual_seed(100 + i)
+        result = scheduler.step(new_out, t, x, generator=gen if seeded else None, **churn)
+        assert_close(result.pred_original_sample, target)
+        x, x_plain = own.prev_sample, own.prev_sample  # continue both from the same point
+    assert churned_calls == STEPS
+    # bit-identity of an unedited run is checked through the pipeline wrapper in test_integration.py
+
+
+def test_euler_without_churn_is_not_adjusted():
+    scheduler = make_scheduler("euler")
+    scheduler.set_timesteps(STEPS)
+    adapter = adapter_for(scheduler)
+    point = adapter.locate(scheduler, scheduler.timesteps[0])
+    x = torch.zeros(1, 4, 4, 4)
+    assert adapter.adjust(scheduler, point, x, dict(model_output=x, s_churn=0.0)) is None
+    assert adapter.adjust(scheduler, point, x, dict(model_output=x, s_churn=5.0, s_tmax=0.5)) is None  # outside
