@@ -11,6 +11,7 @@ from qsilk.attention.entropy import (
     entropy_to_confidence,
     normalized_entropy,
     query_sample_grid,
+    select_attention_mask,
     token_grid,
 )
 
@@ -96,17 +97,102 @@ def test_centered_positions():
         centered_positions(3, 4)
 
 
-def test_confidence_is_per_sample_monotone_and_bounded():
+def test_confidence_keeps_the_absolute_level():
+    """1 - normalised entropy, pointwise: no per-sample stretch, so the level of a map survives."""
     gen = torch.Generator().manual_seed(2)
-    entropy = torch.rand(3, 1, 6, 10, generator=gen)
-    confidence = entropy_to_confidence(entropy)
-    assert confidence.shape == entropy.shape and confidence.min() >= 0 and confidence.max() <= 1
-    # Lower entropy -> higher confidence within each sample.
-    order = entropy[0].flatten().argsort()
-    assert (confidence[0].flatten()[order].diff() <= 1e-6).all()
-    # Batch independence: a sample's map does not depend on its batch mates.
-    alone = entropy_to_confidence(entropy[1:2])
-    assert torch.equal(alone, confidence[1:2])
-    # A flat map stays flat at 1 - entropy instead of stretching noise.
-    flat = entropy_to_confidence(torch.full((1, 1, 4, 4), 0.25))
-    assert torch.allclose(flat, torch.full_like(flat, 0.75))
+    sharp = 0.10 + 0.05 * torch.rand(1, 1, 6, 10, generator=gen)  # normalised entropies in [0.10, 0.15]
+    diffuse = 0.90 + 0.05 * torch.rand(1, 1, 6, 10, generator=gen)  # ... in [0.90, 0.95]
+    confidence = entropy_to_confidence(torch.cat([sharp, diffuse]))
+    assert confidence.dtype == torch.float32
+    torch.testing.assert_close(confidence[0], 1 - sharp[0])
+    torch.testing.assert_close(confidence[1], 1 - diffuse[0])
+    assert confidence[0].min() >= 0.85 - 1e-6 and confidence[1].max() <= 0.10 + 1e-6
+    # Pointwise, so a sample's map never depends on its batch mates.
+    assert torch.equal(entropy_to_confidence(diffuse), confidence[1:])
+    # Bounded even for slightly out-of-range inputs (rounding).
+    edge = entropy_to_confidence(torch.tensor([-1e-7, 0.0, 1.0, 1.0 + 1e-7]))
+    assert edge.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def confidence_of(q, k, mask=None):
+    entropy, log_n = attention_entropy(q, k, attn_mask=mask)
+    return entropy_to_confidence(normalized_entropy(entropy, log_n))
+
+
+def test_sharper_attention_gives_higher_confidence():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 1, 8, 16, generator=gen), torch.randn(1, 1, 64, 16, generator=gen)
+    gains = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]  # query gain: 0 = uniform attention, larger = sharper
+    means = [float(confidence_of(gain * q, k).mean()) for gain in gains]
+    assert means[0] == pytest.approx(0.0, abs=1e-6)  # uniform over 64 keys: entropy = log 64 exactly
+    assert all(b > a for a, b in zip(means, means[1:], strict=False)), means
+    assert means[-1] > 0.5
+
+
+def test_confidence_known_answer():
+    """Confidence against a float64 softmax entropy computed here, on hand-built attention rows."""
+    n = 8
+    # Logits chosen per row: one-hot-like, two equal peaks, uniform, and a known three-level distribution.
+    rows = torch.tensor(
+        [
+            [50.0] + [0.0] * (n - 1),
+            [50.0, 50.0] + [0.0] * (n - 2),
+            [0.0] * n,
+            [math.log(4.0), math.log(2.0), math.log(2.0)] + [-math.inf] * (n - 3),
+        ]
+    )
+    # q k^T = rows with q = rows (scale 1 below) and k = identity: logits are the rows themselves.
+    q = torch.where(torch.isfinite(rows), rows, torch.full_like(rows, -1e4))[None, None]
+    k = torch.eye(n)[None, None]
+    mask = torch.isfinite(rows)[None, None]
+    entropy, log_n = attention_entropy(q, k, scale=1.0, attn_mask=mask)
+    confidence = entropy_to_confidence(normalized_entropy(entropy, log_n))[0, 0].double()
+    # Independent answers: H(p) / log(allowed keys).
+    p_last = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            1.0,  # H ~ 0
+            1.0 - math.log(2) / math.log(n),
+            0.0,
+            1.0 - float(-(p_last * p_last.log()).sum()) / math.log(3),  # 1.5 ln 2 / ln 3
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(confidence, expected, atol=1e-5, rtol=0)
+    # Random rows: the probe's chain equals 1 - H / log N from the explicit softmax.
+    gen = torch.Generator().manual_seed(4)
+    qr, kr = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 3, 40, 8, generator=gen)
+    expected_random = 1 - explicit_entropy(qr, kr, 8**-0.5) / math.log(40)
+    torch.testing.assert_close(confidence_of(qr, kr).double(), expected_random, atol=1e-5, rtol=0)
+
+
+# -- mask selection ------------------------------------------------------------------------------------------------
+
+
+def naive_mask_selection(mask, full_shape, rows, head_index, query_index):
+    """The obvious (and memory-hungry) way: broadcast to (B, heads, Q, K), then index."""
+    full = torch.broadcast_to(mask, full_shape)[rows[0] : rows[1]]
+    return full[:, head_index][:, :, query_index]
+
+
+@pytest.mark.parametrize(
+    "mask_shape",
+    [(12, 12), (1, 12), (2, 1, 1, 12), (2, 4, 12, 12), (4, 12, 12), (2, 1, 12, 12), (2, 4, 1, 12)],
+)
+@pytest.mark.parametrize("as_bool", [True, False])
+def test_select_attention_mask_matches_broadcast_then_index(mask_shape, as_bool):
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(mask_shape, generator=gen) > 0.3 if as_bool else torch.randn(mask_shape, generator=gen)
+    full_shape = (2, 4, 12, 12)
+    head_index, query_index = torch.tensor([0, 3]), torch.tensor([1, 5, 6, 11])
+    for rows in [(0, 2), (1, 2), (0, 1)]:
+        selected = select_attention_mask(mask, rows, head_index, query_index)
+        assert selected.dtype == mask.dtype
+        expected = naive_mask_selection(mask, full_shape, rows, head_index, query_index)
+        assert torch.equal(torch.broadcast_to(selected, expected.shape), expected)
+        # Dimensions the mask broadcasts over stay size 1: nothing is expanded.
+        assert selected.numel() <= expected.numel()
+        padded = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
+        assert all(got == 1 for got, given in zip(selected.shape, padded, strict=True) if given == 1)
+    with pytest.raises(ValueError, match="at most 4 dims"):
+        select_attention_mask(torch.ones(1, 1, 1, 1, 12), (0, 1), head_index, query_index)

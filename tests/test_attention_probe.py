@@ -1,9 +1,13 @@
 """AttentionEntropyProbe on tiny random-weight diffusers denoisers (UNet, SD3, Flux, DiT, PixArt)."""
 
+import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -15,6 +19,7 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 
+import qsilk.attention.probe as probe_module  # noqa: E402
 from qsilk.attention import AttentionEntropyProbe, default_layer_names, select_layers  # noqa: E402
 
 torch.set_num_threads(1)
@@ -402,8 +407,11 @@ def in_region(h, w, region):
     return ((rows >= top) & (rows < bottom))[:, None] & ((cols >= left) & (cols < right))[None, :]
 
 
-def sharpen_queries(module, grid_of, regions_per_sample, image_tokens_last=False):
-    """Forward hook scaling queries: x30 inside a sample's region (peaked attention, low entropy), 0 elsewhere
+SHARPEN = 100.0  # query gain inside a region: attention rows there are near one-hot (confidence close to 1)
+
+
+def sharpen_queries(module, grid_of, regions_per_sample, image_tokens_last=False, gain=SHARPEN):
+    """Forward hook scaling queries: x gain inside a sample's region (peaked attention, low entropy), 0 elsewhere
     (uniform attention, maximal entropy). ``grid_of(num_tokens)`` gives the (h, w) grid of the image tokens."""
 
     def hook(mod, args, output):
@@ -411,7 +419,7 @@ def sharpen_queries(module, grid_of, regions_per_sample, image_tokens_last=False
         for b, region in enumerate(regions_per_sample):
             n_image = output.shape[1] - (TEXT_TOKENS if image_tokens_last else 0)
             h, w = grid_of(n_image)
-            scale[b, output.shape[1] - n_image :] = 30.0 * in_region(h, w, region).flatten().float()
+            scale[b, output.shape[1] - n_image :] = gain * in_region(h, w, region).flatten().float()
         return output * scale.view(*scale.shape, *([1] * (output.ndim - 2)))
 
     return module.register_forward_hook(hook)
@@ -536,6 +544,183 @@ def test_separate_forwards_keep_the_first_one():
         )
 
 
+# -- the absolute level -------------------------------------------------------------------------------------------
+
+# the 24 x 40 token grid of LATENT_HW
+FULL_RES_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+
+def test_confidence_is_one_minus_normalised_entropy_known_answer():
+    """Every token and head sampled on a full-resolution layer: the map is exactly 1 - mean_heads(H / log N), with H
+    from an independent float64 softmax of the layer's own q and k."""
+    unet = make_unet()
+    probe = AttentionEntropyProbe(
+        unet, layers=[FULL_RES_LAYER], max_queries=10_000, max_heads=100, cfg_batched=False
+    )
+    capture = Capture(probe.layers, ["to_q", "to_k"])
+    with probe:
+        run(unet, unet_inputs(batch=2))
+        confidence = probe.confidence(LATENT_HW, 2)
+    capture.remove()
+    attn, out = probe.layers[0].module, capture.outputs[FULL_RES_LAYER]
+    entropy = explicit_entropy(heads_view(out["to_q"], attn.heads), heads_view(out["to_k"], attn.heads))
+    tokens = LATENT_HW[0] * LATENT_HW[1]
+    expected = 1 - (entropy / math.log(tokens)).mean(dim=1).view(2, 1, *LATENT_HW)
+    torch.testing.assert_close(confidence.double(), expected, atol=1e-5, rtol=0)
+
+
+def test_sharper_attention_gives_higher_confidence():
+    """The same region sharpened more -> a higher confidence there; maps are not stretched to a fixed range."""
+    unet = make_unet()
+    levels = {}
+    for gain in (3.0, 10.0, SHARPEN):
+        probe = AttentionEntropyProbe(unet, layers=["*attn1"], cfg_batched=False)
+        handles = [
+            sharpen_queries(layer.module.to_q, unet_grid, [TOP_RIGHT], gain=gain) for layer in probe.layers
+        ]
+        try:
+            with probe:
+                run(unet, unet_inputs(batch=1))
+                confidence = probe.confidence(LATENT_HW, 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        levels[gain] = float(region_stats(confidence, TOP_RIGHT)[2])
+        # Outside the region queries are 0: uniform attention, normalised entropy 1, confidence 0.
+        assert float(region_stats(confidence, TOP_RIGHT)[1]) < 1e-4
+    assert levels[3.0] < levels[10.0] < levels[SHARPEN], levels
+    # A per-sample min-max stretch would bring every one of these maps to the same ~1 inside the region.
+    assert levels[3.0] < 0.6, levels
+
+
+# -- memory and work ------------------------------------------------------------------------------------------------
+
+
+class NewAllocations(TorchDispatchMode):
+    """Records the largest storage (bytes) any op allocates; outputs that alias an input (views) are not new."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+class MaskedSelfAttention(torch.nn.Module):
+    """A minimal attention module (duck-typed like diffusers' Attention) whose SDPA call carries ``attn_mask``."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.processor = None
+
+    def set_processor(self, processor):
+        self.processor = processor
+
+    def forward(self, tokens, attn_mask):
+        q, k, v = (heads_view(proj(tokens), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).flatten(2)
+
+
+class MaskedDenoiser(torch.nn.Module):
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = MaskedSelfAttention(dim, heads)
+
+    def forward(self, sample, attn_mask):
+        return self.attn(sample.flatten(2).transpose(1, 2), attn_mask)
+
+
+MASK_GRID = (24, 24)
+
+
+@pytest.mark.parametrize("shape", ["full", "key_padding", "shared"])
+@pytest.mark.parametrize("as_bool", [True, False])
+def test_mask_is_selected_before_any_copy(shape, as_bool):
+    """The probe never copies the (rows x heads x N x N) mask: the largest tensor it makes is its own
+    (rows x sampled heads x sampled queries x N) logits, and the masked entropy matches an independent one."""
+    batch, heads, n = 2, 4, MASK_GRID[0] * MASK_GRID[1]
+    gen = torch.Generator().manual_seed(3)
+    allowed = torch.rand(batch, heads, n, n, generator=gen) > 0.4
+    allowed[..., 0] = True  # every query may attend somewhere
+    allowed = {"full": allowed, "key_padding": allowed[:, :1, :1], "shared": allowed[0, 0]}[shape]
+    mask = allowed if as_bool else torch.zeros(allowed.shape).masked_fill(~allowed, -math.inf)
+    model = MaskedDenoiser(heads=heads)
+    sample = torch.randn(batch, 16, *MASK_GRID, generator=gen)
+    probe = AttentionEntropyProbe(model, layers=["attn"], max_queries=16, max_heads=2, cfg_batched=True)
+    tracer = NewAllocations()
+    measure = probe._measure
+
+    def traced_measure(*args):
+        with tracer:
+            return measure(*args)
+
+    probe._measure = traced_measure
+    capture = Capture(probe.layers, ["to_q", "to_k"])
+    with probe, torch.no_grad():
+        model(sample, mask)
+        record = probe.records["attn"]
+    capture.remove()
+    rows, sampled_heads, sampled_queries = 1, 2, record.token_index.numel()
+    logits_bytes = rows * sampled_heads * sampled_queries * n * 4  # fp32
+    selected_mask_bytes = rows * sampled_heads * n * n * mask.element_size()
+    assert 0 < tracer.largest <= logits_bytes < selected_mask_bytes / 4
+    # Parity: softmax over the allowed keys only, float64, for the sampled (cond row, head, query).
+    q = heads_view(capture.outputs["attn"]["to_q"], heads).double()
+    k = heads_view(capture.outputs["attn"]["to_k"], heads).double()
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) / q.shape[-1] ** 0.5
+    logits = logits.masked_fill(~torch.broadcast_to(allowed, logits.shape), -math.inf)
+    p = torch.softmax(logits, dim=-1)
+    entropy = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+    assert record.batch_rows == (1, 2)  # uncond_cond: the second half
+    assert_parity(record, entropy)
+    allowed_keys = torch.broadcast_to(allowed, logits.shape).sum(-1).double()
+    expected_log_n = allowed_keys[1:][:, record.head_index][:, :, record.token_index].log()
+    torch.testing.assert_close(record.log_num_keys.flatten(2).double(), expected_log_n)
+
+
+def test_auto_cfg_measures_only_the_conditional_half(monkeypatch):
+    """cfg_batched="auto": the entropy is computed for the rows confidence() keeps, never for the other half, and
+    the map equals the one measured with cfg_batched=True."""
+    unet = make_unet()
+    measured_rows = []
+    real_entropy = probe_module.attention_entropy
+
+    def spy(query, key, **kwargs):
+        measured_rows.append(query.shape[0])
+        return real_entropy(query, key, **kwargs)
+
+    monkeypatch.setattr(probe_module, "attention_entropy", spy)
+    inputs = unet_inputs(batch=4)  # two samples, [uncond, uncond, cond, cond]
+    with AttentionEntropyProbe(unet, layers=["*attn1"]) as probe:
+        run(unet, inputs)
+        assert measured_rows == []  # nothing measured during the forward: the cfg split is not known yet
+        auto = probe.confidence(LATENT_HW, 2)
+    assert measured_rows == [2] * len(probe.layers)
+    measured_rows.clear()
+    with AttentionEntropyProbe(unet, layers=["*attn1"], cfg_batched=True) as probe:
+        run(unet, inputs)
+        explicit = probe.confidence(LATENT_HW, 2)
+    assert measured_rows == [2] * len(probe.layers)
+    assert torch.equal(auto, explicit)
+    # Without CFG batching (denoiser batch == latent batch) every row is measured, once.
+    measured_rows.clear()
+    with AttentionEntropyProbe(unet, layers=["*attn1"]) as probe:
+        run(unet, inputs)
+        assert probe.confidence(LATENT_HW, 4).shape[0] == 4
+    assert measured_rows == [4] * len(probe.layers)
+
+
 # -- fallback warnings ------------------------------------------------------------------------------------------------
 
 
@@ -551,11 +736,21 @@ def test_layer_bypassing_sdpa_warns_once_and_returns_none():
         with pytest.warns(RuntimeWarning, match="recorded nothing.*scaled_dot_product_attention") as caught:
             assert probe.confidence(LATENT_HW, 2) is None
         assert probe.layer_names[0] in str(caught[0].message)
+        # ... and the reason stays readable after the one warning, for the records (confidence_source)
+        assert probe.last_problem.startswith(f"1 of {len(probe.layers)} probed layers recorded nothing")
+        assert (
+            probe.layer_names[0] in probe.last_problem
+            and "scaled_dot_product_attention" in probe.last_problem
+        )
         run(unet, unet_inputs())
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert probe.confidence(LATENT_HW, 2) is None  # still no map, but said only once
-    bypassed.set_processor(original)
+        assert probe.last_problem is not None
+        bypassed.set_processor(original)
+        run(unet, unet_inputs())
+        assert probe.confidence(LATENT_HW, 2) is not None
+        assert probe.last_problem is None
 
 
 def test_no_forward_and_batch_mismatch_warn():
@@ -563,9 +758,11 @@ def test_no_forward_and_batch_mismatch_warn():
     with AttentionEntropyProbe(unet, layers=["mid_block"], cfg_batched=False) as probe:
         with pytest.warns(RuntimeWarning, match="no denoiser forward"):
             assert probe.confidence(LATENT_HW, 2) is None
+        assert probe.last_problem == "no denoiser forward ran since the last step"
         run(unet, unet_inputs(batch=2))
         with pytest.warns(RuntimeWarning, match="latent batch has 1"):
             assert probe.confidence(LATENT_HW, 1) is None
+        assert probe.last_problem == "the probed layers saw 2 samples, the latent batch has 1"
 
 
 def test_happy_path_emits_no_warning():

@@ -1,8 +1,9 @@
 """Cost of the attention-entropy probe as a fraction of one denoiser step.
 
 Reference setting: the SD 1.5 UNet (real architecture config, random weights) at 512x512 (64x64 latent), batch 2
-([uncond, cond] CFG batch), the probe's defaults (layers, sampling budget, cfg_batched="auto", which measures both
-halves and picks the conditional one afterwards, so it is the dearer setting). Run: ``python -m qsilk.attention.bench``.
+([uncond, cond] CFG batch), the probe's defaults (layers, sampling budget, cfg_batched="auto", which keeps the sampled
+queries/keys of both halves during the forward and measures the conditional half in confidence()).
+Run: ``python -m qsilk.attention.bench``.
 
 Two figures, both per denoiser step:
 - ``probe_fraction``: host time spent inside the probe (entropy of the sampled rows in the SDPA tap, plus the

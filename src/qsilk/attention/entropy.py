@@ -1,9 +1,15 @@
 """Pure tensor functions behind the attention-entropy probe (imports only torch).
 
 - :func:`attention_entropy`: entropy of each row of softmax(q k^T * scale + mask), in fp32.
+- :func:`select_attention_mask`: the entries of an SDPA mask for the sampled rows/heads/queries only.
 - :func:`token_grid`: the (h, w) grid a layer's token count lives on, given the base grid (aspect-aware).
 - :func:`query_sample_grid` / :func:`centered_positions`: a deterministic, evenly spread sample of queries/heads.
-- :func:`entropy_to_confidence`: normalised entropy map -> confidence map in [0, 1], per sample.
+- :func:`entropy_to_confidence`: normalised entropy map -> confidence = 1 - normalised entropy, in [0, 1].
+
+Confidence keeps the absolute level: each row's entropy is divided by log N, N = the number of keys that row may
+attend to (after masking), so a uniform row has normalised entropy 1 (confidence 0) and a one-hot row 0
+(confidence 1), at every step and for every map. Nothing is stretched per sample: a map whose entropies all lie in
+0.90-0.95 gives confidences 0.05-0.10, one in 0.10-0.15 gives 0.85-0.90.
 """
 
 from __future__ import annotations
@@ -93,20 +99,39 @@ def centered_positions(length: int, count: int, device: torch.device | str | Non
     return centres.floor().long()
 
 
-def robust_minmax(x: Tensor, quantiles: tuple[float, float] = (0.02, 0.98), eps: float = 1e-6) -> Tensor:
-    """Per-sample (dim 0) min-max scaling to [0, 1] between two quantiles, robust to a few outliers.
+def select_attention_mask(
+    mask: Tensor,
+    rows: tuple[int, int],
+    head_index: Tensor,
+    query_index: Tensor,
+) -> Tensor:
+    """The part of an SDPA ``attn_mask`` that the sampled (rows, heads, queries) see, without ever building the
+    broadcast (B, heads, Q, K) mask: dimensions the mask broadcasts over (size 1) stay size 1, the others are sliced
+    (rows) or gathered (heads and queries in one gather), so the largest tensor made is the result itself, at most
+    rows x len(head_index) x len(query_index) x K.
 
-    A sample whose quantile span is below ``eps`` (a flat map) is returned unscaled, clamped to [0, 1]: stretching
-    numerical noise to the full range would invent structure.
+    Returns a mask broadcastable to (rows, len(head_index), len(query_index), K), same dtype as ``mask``.
     """
-    flat = x.flatten(1).float()
-    levels = torch.tensor(quantiles, dtype=flat.dtype, device=flat.device)
-    lo, hi = torch.quantile(flat, levels, dim=1, keepdim=True)
-    span = hi - lo
-    scaled = torch.where(span > eps, (flat - lo) / span.clamp_min(eps), flat)
-    return scaled.clamp(0.0, 1.0).view_as(x)
+    if mask.ndim > 4:
+        raise ValueError(f"an attention mask has at most 4 dims (B, heads, Q, K), got {tuple(mask.shape)}")
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    start, stop = rows
+    if mask.shape[0] != 1:
+        mask = mask[start:stop]
+    if mask.shape[1] != 1 and mask.shape[2] != 1:
+        return mask[:, head_index[:, None], query_index[None, :]]
+    if mask.shape[2] != 1:
+        return mask.index_select(2, query_index)
+    if mask.shape[1] != 1:
+        return mask.index_select(1, head_index)
+    return mask
 
 
-def entropy_to_confidence(entropy: Tensor, quantiles: tuple[float, float] = (0.02, 0.98)) -> Tensor:
-    """Normalised entropy map (B, 1, H, W) in [0, 1] -> confidence = 1 - robust per-sample min-max of it."""
-    return 1.0 - robust_minmax(entropy, quantiles)
+def entropy_to_confidence(normalized_entropy: Tensor) -> Tensor:
+    """Normalised entropy map (entropy / log N, in [0, 1]) -> confidence = 1 - it, in [0, 1], fp32.
+
+    Pointwise, so a sample's map never depends on its batch mates and a sharper attention always means a higher
+    confidence, whatever the rest of the map or the step.
+    """
+    return (1.0 - normalized_entropy.float()).clamp(0.0, 1.0)

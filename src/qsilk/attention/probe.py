@@ -5,12 +5,28 @@ How it reads attention without replacing it: a forward pre-hook on each probed a
 the same way). The mode sees the processor's ``F.scaled_dot_product_attention(q, k, v, ...)`` call, computes the
 entropy of softmax(q k^T * scale + mask) for a small strided sample of queries and heads in fp32, and then makes
 the original call with the original arguments. Processors are never swapped, so outputs are bit-identical and
-``remove()`` only has hooks to take off.
+``remove()`` only has hooks to take off. Queries, heads and mask entries are selected before anything is computed
+or copied: the full (B, heads, N, N) mask or attention matrix is never built.
+
+Confidence = 1 - entropy / log N, per sampled query, averaged over heads and layers: the absolute level, not a
+per-sample stretch, so a sharper attention always gives a higher confidence (see :mod:`qsilk.attention.entropy`).
+N is the number of keys the query may attend to (keys the mask allows; all keys without a mask).
+
+Joint attention (SD3/SD3.5 ``attn``, Flux double and single blocks): the SDPA call holds image and text tokens
+together. Only image tokens are used as queries (the map lives on the image grid), but each query's distribution is
+the one the model actually uses, over all its keys, image and text: the entropy is not renormalised over the image
+keys, and N counts the text keys too (N = image tokens + text tokens, minus masked keys). A query that puts its
+attention on a few text tokens is as "decided" as one that puts it on a few image tokens. The text share of N is
+small at image resolutions (SD3 at 1024 px: 4096 image + 333 text tokens, log N changes by < 1 %).
 
 Per step the probe keeps the first denoiser forward after the last :meth:`AttentionEntropyProbe.confidence` call.
-With batched CFG that forward holds both branches and only the conditional half is used (diffusers' SD/SDXL/SD3/
-PixArt pipelines batch [uncond, cond]; its DiTPipeline batches [cond, uncond]: see ``cfg_order``). Pipelines that
-run the branches as separate forwards (Flux true CFG, guiders) run the conditional one first.
+With batched CFG that forward holds both branches and only the conditional half is measured; which half that is
+comes from ``cfg_order`` (diffusers' SD/SDXL/SD3/PixArt pipelines batch [uncond, cond]; DiT and Lumina batch
+[cond, uncond]; the diffusers integration reads it from one table, ``qsilk.integrations.diffusers.CFG_ORDER``).
+With ``cfg_batched="auto"`` the sampled queries and keys of every row are kept (small copies) and the entropy is
+computed in :meth:`~AttentionEntropyProbe.confidence` once the latent batch size tells which rows are the
+conditional half, so only that half is ever measured. Pipelines that run the branches as separate forwards
+(Flux true CFG, Lumina 2, CogView4, guiders) run the conditional one first.
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
@@ -34,6 +50,7 @@ from qsilk.attention.entropy import (
     entropy_to_confidence,
     normalized_entropy,
     query_sample_grid,
+    select_attention_mask,
     token_grid,
 )
 from qsilk.attention.layers import ProbeLayer, select_layers
@@ -56,9 +73,6 @@ class LayerRecord:
     token_index: Tensor  # (hs * ws,) positions of the sampled queries in the SDPA sequence (row-major sample)
     head_index: Tensor  # (heads,) sampled query heads
     batch_rows: tuple[int, int]  # [start, stop) rows of the denoiser batch measured (the cond half with CFG)
-    cfg_pending: bool = (
-        False  # cfg_batched="auto": all rows measured, the cond half is picked by confidence()
-    )
 
     @property
     def normalized(self) -> Tensor:
@@ -70,6 +84,50 @@ class LayerRecord:
         downsampling = sample.shape[-2] > latent_hw[0] or sample.shape[-1] > latent_hw[1]
         return F.interpolate(
             sample, size=tuple(latent_hw), mode="bilinear", align_corners=False, antialias=downsampling
+        )
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """The sampled queries, keys and mask entries of one layer, for a run of batch rows, not yet measured.
+
+    Holds copies of the selected slices only (rows x sampled heads x sampled queries x D for q, rows x sampled
+    heads x keys x D for k), in the model's dtype."""
+
+    name: str
+    query: Tensor  # (rows, heads_s, queries_s, D)
+    key: Tensor  # (rows, heads_s, K, D)
+    mask: Tensor | None  # broadcastable to (rows, heads_s, queries_s, K)
+    scale: float | None
+    grid_hw: tuple[int, int]
+    sample_hw: tuple[int, int]
+    token_index: Tensor
+    head_index: Tensor
+    first_row: int  # denoiser batch row of query[0]
+
+    @property
+    def rows(self) -> int:
+        return int(self.query.shape[0])
+
+    def measure(self, start: int = 0, stop: int | None = None) -> LayerRecord:
+        """Entropy of rows [start, stop) of this sample (relative to ``first_row``)."""
+        stop = self.rows if stop is None else stop
+        mask = self.mask
+        if mask is not None and mask.shape[0] != 1:
+            mask = mask[start:stop]
+        with torch.no_grad():
+            entropy, log_num_keys = attention_entropy(
+                self.query[start:stop], self.key[start:stop], scale=self.scale, attn_mask=mask
+            )
+        shape = (stop - start, len(self.head_index), *self.sample_hw)
+        return LayerRecord(
+            name=self.name,
+            entropy=entropy.view(shape),
+            log_num_keys=log_num_keys.view(shape),
+            grid_hw=self.grid_hw,
+            token_index=self.token_index,
+            head_index=self.head_index,
+            batch_rows=(self.first_row + start, self.first_row + stop),
         )
 
 
@@ -99,7 +157,8 @@ class _SDPATap(TorchFunctionMode):
 
 @dataclass
 class _StepState:
-    records: dict[str, LayerRecord] = field(default_factory=dict)
+    # LayerRecord, or _Sampled (cfg_batched="auto": measured by confidence() once the conditional rows are known)
+    records: dict[str, LayerRecord | _Sampled] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     forward_seen: bool = False
     capturing: bool = False
@@ -107,7 +166,7 @@ class _StepState:
 
 
 class AttentionEntropyProbe:
-    """Confidence map (1 - normalised self-attention entropy) from a diffusers UNet or transformer.
+    """Confidence map (1 - entropy / log N, the absolute level) from a diffusers UNet or transformer.
 
     Important args:
         model: ``pipe.unet`` or ``pipe.transformer``.
@@ -115,15 +174,18 @@ class AttentionEntropyProbe:
             (see :func:`qsilk.attention.layers.default_layer_names`).
         cfg_batched: whether the denoiser batch is a CFG batch, of which only the conditional half is read: a bool,
             a callable read at each forward (e.g. ``lambda: pipe.do_classifier_free_guidance``), or ``"auto"``
-            (default): CFG-batched iff the denoiser batch is twice the ``batch_size`` given to confidence().
+            (default): CFG-batched iff the denoiser batch is twice the ``batch_size`` given to confidence(); the
+            entropy is then computed in confidence(), for the conditional half only.
         cfg_order: ``"uncond_cond"`` (diffusers' SD/SDXL/SD3/PixArt pipelines) or ``"cond_uncond"``
-            (diffusers' DiTPipeline).
+            (diffusers' DiT and Lumina pipelines); the diffusers integration takes it from ``cfg_order_of(pipe)``.
 
     Args to tinker with:
         max_queries: queries sampled per layer, on an evenly strided sub-grid of the layer's token grid.
         max_heads: heads sampled per layer, evenly spread.
         ema: EMA factor over steps of the entropy map (0 = off).
-        quantiles: per-sample robust min-max levels used to normalise the map.
+
+    After each confidence() call, ``last_problem`` is None when a map was returned, else the reason there was none
+    (integrations record it, e.g. ``confidence_source = "structure (fallback: <reason>)"``).
 
     Usage::
 
@@ -142,14 +204,11 @@ class AttentionEntropyProbe:
         ema: float = 0.0,
         cfg_batched: bool | Callable[[], bool] | Literal["auto"] = "auto",
         cfg_order: Literal["uncond_cond", "cond_uncond"] = "uncond_cond",
-        quantiles: tuple[float, float] = (0.02, 0.98),
     ):
         if max_queries < 1 or max_heads < 1:
             raise ValueError(f"max_queries and max_heads must be >= 1, got {max_queries}, {max_heads}")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
-            raise ValueError(f"quantiles must satisfy 0 <= lo < hi <= 1, got {quantiles}")
         if cfg_order not in ("uncond_cond", "cond_uncond"):
             raise ValueError(f"cfg_order must be 'uncond_cond' or 'cond_uncond', got {cfg_order!r}")
         if isinstance(cfg_batched, str) and cfg_batched != "auto":
@@ -161,9 +220,10 @@ class AttentionEntropyProbe:
         self.ema = float(ema)
         self.cfg_batched = cfg_batched
         self.cfg_order = cfg_order
-        self.quantiles = (float(quantiles[0]), float(quantiles[1]))
         # (B, 1, H, W) normalised entropy behind the last confidence map, for diagnostics.
         self.last_entropy: Tensor | None = None
+        # why the last confidence() call returned None (None after a map was returned)
+        self.last_problem: str | None = None
         self.overhead_seconds = 0.0  # host time spent inside the probe (measuring, mapping), for benchmarks
         self._signature = inspect.signature(model.forward)
         self._handles: list = []
@@ -186,8 +246,13 @@ class AttentionEntropyProbe:
 
     @property
     def records(self) -> dict[str, LayerRecord]:
-        """Records of the step in progress (consumed by :meth:`confidence`)."""
-        return dict(self._state.records)
+        """Records of the step in progress (consumed by :meth:`confidence`). With ``cfg_batched="auto"`` the
+        layers' samples are not measured yet: this measures every row of them (diagnostics; confidence() measures
+        the conditional half only)."""
+        return {
+            name: record.measure() if isinstance(record, _Sampled) else record
+            for name, record in self._state.records.items()
+        }
 
     def install(self) -> AttentionEntropyProbe:
         if self.installed:
@@ -218,6 +283,7 @@ class AttentionEntropyProbe:
             self._state = _StepState()
         self._ema_state = None
         self.last_entropy = None
+        self.last_problem = None
         self._ids_cache = None
 
     def __enter__(self) -> AttentionEntropyProbe:
@@ -247,47 +313,52 @@ class AttentionEntropyProbe:
     def _confidence(
         self, state: _StepState, latent_hw: tuple[int, int], batch_size: int | None
     ) -> Tensor | None:
+        self.last_problem = None
         if not state.forward_seen:
-            self._warn_once(
+            return self._fallback(
                 "no-forward",
-                "AttentionEntropyProbe: no denoiser forward pass ran since the last confidence() call. "
-                + FALLBACK_HINT,
+                "no denoiser forward ran since the last step",
+                "AttentionEntropyProbe: no denoiser forward pass ran since the last confidence() call. ",
             )
-            return None
         missing = [name for name in self.layer_names if name not in state.records]
         if missing:
-            details = "; ".join(
+            reasons = [
                 f"{name}: {state.problems.get(name, 'no scaled_dot_product_attention call seen')}"
                 for name in missing
-            )
-            self._warn_once(
+            ]
+            return self._fallback(
                 "missing",
+                f"{len(missing)} of {len(self.layers)} probed layers recorded nothing ({reasons[0]})",
                 f"AttentionEntropyProbe: {len(missing)} of {len(self.layers)} probed layers recorded nothing in "
-                f"this step ({details}). The usual cause is an attention backend or processor that bypasses "
-                "torch.nn.functional.scaled_dot_product_attention (flash-attn, sage, xformers, AttnProcessor). "
-                + FALLBACK_HINT,
+                f"this step ({'; '.join(reasons)}). The usual cause is an attention backend or processor that "
+                "bypasses torch.nn.functional.scaled_dot_product_attention (flash-attn, sage, xformers, "
+                "AttnProcessor). ",
             )
-            return None
         records = [self._conditional(state.records[name], batch_size) for name in self.layer_names]
         entropy = torch.stack([record.entropy_map(latent_hw) for record in records]).mean(dim=0)
         if batch_size is not None and entropy.shape[0] != batch_size:
-            self._warn_once(
+            return self._fallback(
                 "batch",
+                f"the probed layers saw {entropy.shape[0]} samples, the latent batch has {batch_size}",
                 f"AttentionEntropyProbe: the probed layers saw {entropy.shape[0]} samples but the latent batch has "
-                f"{batch_size} (cfg_batched={self.cfg_batched!r}, cfg_order={self.cfg_order!r}). "
-                + FALLBACK_HINT,
+                f"{batch_size} (cfg_batched={self.cfg_batched!r}, cfg_order={self.cfg_order!r}). ",
             )
-            return None
         if self.ema > 0 and self._ema_state is not None and self._ema_state.shape == entropy.shape:
             entropy = self.ema * self._ema_state + (1.0 - self.ema) * entropy
         self._ema_state = entropy
         self.last_entropy = entropy
-        return entropy_to_confidence(entropy, self.quantiles)
+        return entropy_to_confidence(entropy)
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _fallback(self, key: str, reason: str, message: str) -> None:
+        """No map for this step: remember why (``last_problem``) and warn once per kind."""
+        self.last_problem = reason
+        self._warn_once(key, message + FALLBACK_HINT, stacklevel=5)  # the caller of confidence()
+        return None
+
+    def _warn_once(self, key: str, message: str, stacklevel: int = 4) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _read_cfg_batched(self) -> bool | None:
         if self.cfg_batched == "auto":
@@ -298,19 +369,13 @@ class AttentionEntropyProbe:
         half = start + (stop - start) // 2
         return (half, stop) if self.cfg_order == "uncond_cond" else (start, half)
 
-    def _conditional(self, record: LayerRecord, batch_size: int | None) -> LayerRecord:
-        """cfg_batched="auto": keep the conditional half iff the layer saw twice the latent batch."""
-        rows = record.entropy.shape[0]
-        if not record.cfg_pending or batch_size is None or rows != 2 * batch_size:
+    def _conditional(self, record: LayerRecord | _Sampled, batch_size: int | None) -> LayerRecord:
+        """cfg_batched="auto": measure only the conditional half iff the layer saw twice the latent batch."""
+        if isinstance(record, LayerRecord):
             return record
-        start, stop = self._cond_half(0, rows)
-        return replace(
-            record,
-            entropy=record.entropy[start:stop],
-            log_num_keys=record.log_num_keys[start:stop],
-            batch_rows=(record.batch_rows[0] + start, record.batch_rows[0] + stop),
-            cfg_pending=False,
-        )
+        if batch_size is not None and record.rows == 2 * batch_size:
+            return record.measure(*self._cond_half(0, record.rows))
+        return record.measure()
 
     # -- hooks ----------------------------------------------------------------------------------------------------
 
@@ -350,7 +415,7 @@ class AttentionEntropyProbe:
                 result = self._measure(layer, call, state.context)
         except Exception as exc:  # a probe failure must not break generation; confidence() reports it
             result = f"probe failed: {exc!r}"
-        if isinstance(result, LayerRecord):
+        if isinstance(result, (LayerRecord, _Sampled)):
             state.records[layer.name] = result
             state.problems.pop(layer.name, None)
         else:
@@ -414,7 +479,9 @@ class AttentionEntropyProbe:
             self._index_cache[key] = (token_index, head_index, kv_head_index)
         return (*self._index_cache[key], sample_hw)
 
-    def _measure(self, layer: ProbeLayer, call: dict, context: _ForwardContext) -> LayerRecord | str:
+    def _measure(
+        self, layer: ProbeLayer, call: dict, context: _ForwardContext
+    ) -> LayerRecord | _Sampled | str:
         if context.problem is not None:
             return context.problem
         query, key, mask = call["query"], call["key"], call.get("attn_mask")
@@ -442,20 +509,23 @@ class AttentionEntropyProbe:
         token_index, head_index, kv_head_index, sample_hw = self._indices(
             query.device, grid, offset, heads, key.shape[1]
         )
-        q = query[start:stop].index_select(1, head_index).index_select(2, token_index)
+        # Select before copying anything: one gather of the sampled (head, query) pairs.
+        q = query[start:stop][:, head_index[:, None], token_index[None, :]]
         k = key[start:stop].index_select(1, kv_head_index)
         if mask is not None:
-            mask = torch.broadcast_to(mask, (batch, heads, seq, key.shape[-2]))[start:stop]
-            mask = mask.index_select(1, head_index).index_select(2, token_index)
-        entropy, log_num_keys = attention_entropy(q, k, scale=call.get("scale"), attn_mask=mask)
-        shape = (stop - start, len(head_index), *sample_hw)
-        return LayerRecord(
+            mask = select_attention_mask(mask, (start, stop), head_index, token_index)
+        sampled = _Sampled(
             name=layer.name,
-            entropy=entropy.view(shape),
-            log_num_keys=log_num_keys.view(shape),
+            query=q,
+            key=k,
+            mask=mask,
+            scale=call.get("scale"),
             grid_hw=grid,
+            sample_hw=sample_hw,
             token_index=token_index,
             head_index=head_index,
-            batch_rows=(start, stop),
-            cfg_pending=context.cfg_batched is None,
+            first_row=start,
         )
+        if context.cfg_batched is None:  # "auto": confidence() measures the rows it keeps
+            return sampled
+        return sampled.measure()
