@@ -153,7 +153,7 @@ def load_fmnist_classifier(device: str | torch.device = "cpu") -> FashionCNN:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 6
+    epochs: int = 5
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -269,7 +269,9 @@ def train_classifier(
 
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(config.seed * 1000 + epoch)  # per epoch: resume reproduces the order
+        # Per-epoch seeds (data order, augmentation, dropout): a resumed run reproduces an uninterrupted one.
+        g = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        torch.manual_seed(config.seed * 1000 + epoch)
         order = torch.randperm(len(train_x), generator=g)
         model.train()
         loss_sum = 0.0
@@ -282,15 +284,16 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
         elapsed += time.perf_counter() - t0
+        _save_checkpoint(out, model, opt, epoch + 1, elapsed)
         acc = evaluate(model, test_x, test_y)
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {loss_sum / len(train_x):.4f}, test acc {acc:.4f}, {elapsed:.0f} s")
-        _save_checkpoint(out, model, opt, epoch + 1, elapsed)
 
     accuracy = evaluate(model, test_x, test_y)
     metadata = {
         "name": ASSET_NAME,
+        "config": model.config.to_dict(),
         "purpose": "in-domain Frechet distance features (qsilk.eval.metrics) and QRM's held-out judge; never train QRM on it",
         "data": "Fashion-MNIST train split (60k), prepared as qsilk.models.demo.data.to_model_images, then [0, 1]",
         "preprocessing": "grey (RGB averaged), bilinear to 64x64, [0, 1] -> [-1, 1]",
