@@ -183,7 +183,7 @@ def test_resume_skips_finished_images_and_redoes_unfinished(demo_dir, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in files}
     result = gen(demo_dir, out, *args)
     assert "0 image(s) written, 3 already done" in result.stdout
-    assert result.stderr.count("skip (done)") == 3
+    assert result.stderr.splitlines() == [f"3 of 3 image(s) already done in {out}; reusing them"]  # one line
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     # An image whose sidecar is missing (interrupted before it was written) is made again, byte-identical.
     victim = files[1]
@@ -245,7 +245,11 @@ BAD_INPUT = {
     "missing config": (["--config", "{tmp}/nope.json"], "config file {tmp}/nope.json does not exist"),
     "unknown config key": (["--config", "{tmp}/unknown.json"], "unknown QSilk config key(s) ['clmap']"),
     "invalid config value": (["--config", '{"clamp_quantile": 0.7}'], "clamp_quantile must be in (0, 0.5)"),
-    "config not an object": (["--config", "{tmp}/list.json"], "must hold a JSON object, not list"),
+    "config not an object": (["--config", "{tmp}/list.json"], "must hold a JSON object ({\"key\": value, ...}), not an array"),
+    "inline config not an object": (["--config", "[]"], "inline --config JSON must hold a JSON object"),
+    "inline config a number": (["--config", "3"], "inline --config JSON must hold a JSON object ({\"key\": value, ...}), not a number"),
+    "unknown preset": (["--preset", "ultra"], "unknown preset 'ultra'; choose from default"),
+    "scheduler that cannot take the steps": (["--scheduler", "PNDMScheduler"], "PNDMScheduler cannot run 2 step(s)"),
     "invalid flag value": (["--tile", "4", "--stride", "9"], "need 1 <= aqclip_stride <= aqclip_tile"),
     "bad mode": (["--mode", "medium"], "--mode must be one of soft, hard"),
     "bad confidence": (["--confidence", "vibes"], "--confidence must be one of"),
@@ -333,7 +337,8 @@ def test_compare_writes_grid_heatmap_maps_and_page(demo_dir, tmp_path):
     for name in ("grid.png", "diff.png", "stats.png", "steps.png", "index.html", "compare.json"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "compare.json").read_text())
-    assert [c["label"] for c in summary["configs"]] == ["plain", "qsilk", "strong"]
+    assert [c["label"] for c in summary["configs"]] == ["plain", "qsilk defaults", "strong"]
+    assert [c["folder"] for c in summary["configs"]] == ["plain", "qsilk", "strong"]
     assert summary["rows"] == ["Dress / seed 0", "Bag / seed 0"]
     assert summary["steps"] == 3 and summary["cfg"] == 7.0
     plain, default, strong = summary["configs"]
@@ -366,7 +371,7 @@ def test_compare_writes_grid_heatmap_maps_and_page(demo_dir, tmp_path):
     # A second run resumes: every image is skipped, the page is rebuilt.
     result = ok("compare", "--model", demo_dir, "--class", "Dress", "--class", "Bag", "--seed", "0", "--steps", STEPS,
                 "--device", "cpu", "--config", extra, "--out", out)  # fmt: skip
-    assert result.stderr.count("skip (done)") == 6
+    assert "6 of 6 image(s) already done" in result.stderr and "made in" not in result.stderr
 
 
 def test_compare_attention_confidence_maps_beside_images(demo_dir, tmp_path):
@@ -415,3 +420,208 @@ def test_info_reports_versions_device_and_demo_model(demo_dir, tmp_path):
     assert report["device"]["cuda_available"] == torch.cuda.is_available()
     missing = ok("info", env={"QSILK_DEMO_MODEL": str(tmp_path / "none")})
     assert "not installed" in missing.stdout
+
+
+# ---------------------------------------------------------------------------------------------- hardening (issue 7)
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_records_are_standard_json(demo_dir, tmp_path):
+    """DPM-Solver's config holds lambda_min_clipped = -inf: the sidecar, the PNG text and compare.json must still
+    parse under a strict parser (what browsers' JSON.parse accepts)."""
+    gen(demo_dir, tmp_path / "g", "-c", "1", "--scheduler", "dpm")
+    (png,) = pngs(tmp_path / "g")
+    sidecar = _strict_json(png.with_suffix(".json").read_text())
+    assert sidecar["params"]["scheduler_config"]["lambda_min_clipped"] == "-Infinity"
+    with Image.open(png) as img:
+        assert _strict_json(img.text["qsilk"])["params"] == sidecar["params"]
+    ok("compare", "--model", demo_dir, "-c", "1", "--seed", "0", "--steps", "2", "--device", "cpu", "--scheduler",
+       "dpm", "--out", tmp_path / "c")  # fmt: skip
+    _strict_json((tmp_path / "c" / "compare.json").read_text())
+    for sidecar_path in (tmp_path / "c" / "images").rglob("*.json"):
+        _strict_json(sidecar_path.read_text())
+
+
+def test_seed_ranges_parse_in_linear_time():
+    import time
+
+    from qsilk.cli.runs import parse_seeds
+
+    start = time.perf_counter()
+    seeds = parse_seeds(["0-99999", "5", "99999,100000"])
+    elapsed = time.perf_counter() - start
+    assert seeds == [*range(100_000), 100_000]  # in order, duplicates dropped
+    assert elapsed < 5.0  # quadratic membership took ~100 s; linear takes ~10 ms (50x headroom for a busy CI)
+
+
+def test_resume_detects_damaged_files_names_them_and_redoes_them(demo_dir, tmp_path):
+    out = tmp_path / "cmp"
+    args = ("compare", "--model", demo_dir, "-c", "1", "--seed", "0-2", "--steps", "2", "--device", "cpu", "--out", out)
+    ok(*args)
+    plain = sorted((out / "images" / "plain").glob("*.png"))
+    maps = sorted((out / "images" / "qsilk").glob("*.maps.npz"))
+    originals = {p: p.read_bytes() for p in [plain[0], maps[1]]}
+    plain[0].write_bytes(originals[plain[0]][: len(originals[plain[0]]) // 2])  # truncated PNG, valid sidecar
+    maps[1].write_bytes(b"")  # empty maps archive
+    stale = out / "images" / "qsilk" / f".{maps[0].name}.4194305.tmp"  # a kill between write and rename
+    stale.write_bytes(b"partial")
+    result = ok(*args)
+    assert f"redoing {plain[0]}: damaged PNG {plain[0].name}" in result.stderr
+    assert f"redoing {maps[1].with_name(maps[1].name.replace('.maps.npz', '.png'))}: damaged maps {maps[1].name}" in result.stderr
+    assert "removed 1 temp file(s) left by an interrupted run" in result.stderr
+    assert "2 image(s) made" in result.stderr
+    for path, data in originals.items():
+        assert path.read_bytes() == data  # made again, byte-identical
+    assert not stale.exists() and not list(out.rglob(".*.tmp"))
+
+
+def test_progress_lines_without_a_terminal_and_one_summary_line_on_a_noop_rerun(demo_dir, tmp_path, monkeypatch):
+    from qsilk.cli import runs
+
+    monkeypatch.setattr(runs, "PROGRESS_INTERVAL_S", 0.0)  # every image gets its line
+    result = gen(demo_dir, tmp_path / "o", "-c", "1", "--seed", "0-2")
+    lines = result.stderr.splitlines()
+    assert [line.split("]")[0] for line in lines[:3]] == ["[1/3", "[2/3", "[3/3"]
+    assert re.fullmatch(r"3 image\(s\) made in [\d.]+ s \([\d.]+ s/image\)", lines[3])
+    monkeypatch.setattr(runs, "PROGRESS_INTERVAL_S", 3600.0)  # a slow run: the first and the last image only
+    result = gen(demo_dir, tmp_path / "p", "-c", "1", "--seed", "0-3")
+    assert [line.split("]")[0] for line in result.stderr.splitlines()[:2]] == ["[1/4", "[4/4"]
+    rerun = gen(demo_dir, tmp_path / "p", "-c", "1", "--seed", "0-3")
+    assert rerun.stderr.splitlines() == [f"4 of 4 image(s) already done in {tmp_path / 'p'}; reusing them"]
+
+
+def test_divergence_is_the_same_clean_line_with_and_without_qsilk_and_leaves_no_folder(demo_dir, tmp_path):
+    messages = []
+    for extra in ([], ["--no-qsilk"]):
+        out = tmp_path / "deep" / "out"
+        result = cli("generate", "--model", demo_dir, "-c", "1", "--steps", "2", "--device", "cpu", "--cfg", "1e30",
+                     "--out", out, *extra)  # fmt: skip
+        assert result.exit_code == 1, result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            "error: the sampler diverged (NaN/Inf) for Trouser seed 0; try another --scheduler or a lower --cfg"
+        )
+        messages.append(result.stderr.splitlines()[-1])
+        assert not (tmp_path / "deep").exists()  # the failed run removed the folders it created
+    assert messages[0] == messages[1]
+
+
+def test_checks_that_need_no_weights_come_before_the_model_load(demo_dir, tmp_path, monkeypatch):
+    from qsilk.cli import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before a cheap check")
+
+    monkeypatch.setattr(models, "load_pipeline", no_load)
+    (tmp_path / "file.txt").write_text("x")
+    for args, message in (
+        (["-c", "Spaceship"], "unknown class 'Spaceship'"),
+        (["-c", "10"], "class id 10 is out of range 0..9"),
+        (["--prompt", "a cat"], "is class-conditional: use --class"),
+        (["-c", "1", "--scheduler", "PNDMScheduler"], "PNDMScheduler cannot run 2 step(s)"),
+        (["-c", "1", "--out", tmp_path / "file.txt" / "sub"], "is not a folder"),
+        (["-c", "1", "--out", "/proc/qsilk-test-out"], "is not writable"),
+        (["-c", "1", "--preset", "nope"], "unknown preset 'nope'"),
+    ):
+        result = cli("generate", "--model", demo_dir, "--steps", "2", "--out", tmp_path / "o", *args)
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+        assert "model was loaded" not in result.stderr
+
+
+def test_version_and_untruncated_help():
+    assert ok("--version").stdout.strip() == f"qsilk {qsilk.__version__}"
+    text = ok("--help").stdout
+    commands = text[text.index("Commands:") :]
+    assert "..." not in commands
+    for command in ("generate", "compare", "info"):
+        assert command in commands
+    assert "--preset" in ok("generate", "--help").stdout and "--preset" in ok("compare", "--help").stdout
+
+
+def test_preset_on_generate_and_compare(demo_dir, tmp_path):
+    gen(demo_dir, tmp_path / "g", "-c", "1", "--preset", "strong", "--tile", "8")
+    (png,) = pngs(tmp_path / "g")
+    assert read_png_record(png)["params"]["qsilk"] == qsilk.QSilkConfig.preset("strong").replace(aqclip_tile=8).to_dict()
+    out = tmp_path / "c"
+    ok("compare", "--model", demo_dir, "-c", "1", "--seed", "0", "--steps", "2", "--device", "cpu", "--preset", "strong",
+       "--config", '{"clamp_mode": "hard", "aqclip_k_max": 3.5}', "--out", out)  # fmt: skip
+    summary = json.loads((out / "compare.json").read_text())
+    labels = [c["label"] for c in summary["configs"]]
+    assert labels == ["plain", "qsilk defaults", "strong", "clamp_mode=hard, aqclip_k_max=3.5"]
+    assert summary["configs"][2]["config"] == qsilk.QSilkConfig.preset("strong").to_dict()
+    assert [c["folder"] for c in summary["configs"]][2:] == ["strong", "clamp-mode-hard-aqclip-k-max-3-5"]
+    html = (out / "index.html").read_text()
+    assert "clamp_mode=hard, aqclip_k_max=3.5" in html and "config1" not in html
+
+
+def test_compare_page_timing_warmup_scales_and_colour_bar(demo_dir, tmp_path, monkeypatch):
+    from matplotlib import colormaps
+
+    from qsilk.cli import runs
+
+    calls = []
+    real_sample = runs._sample
+
+    def counting(pipe, kwargs, what):
+        calls.append(what)
+        return real_sample(pipe, kwargs, what)
+
+    monkeypatch.setattr(runs, "_sample", counting)
+    out = tmp_path / "c"
+    ok("compare", "--model", demo_dir, "-c", "1", "-c", "2", "--seed", "0", "--steps", "2", "--device", "cpu",
+       "--preset", "strong", "--out", out)  # fmt: skip
+    assert len(calls) == 1 + 3 * 2 and calls[0].endswith("(warm-up)")  # one untimed call, then the timed images
+    summary = json.loads((out / "compare.json").read_text())
+    for c in summary["configs"]:
+        assert c["seconds_per_image_median"] > 0 and c["timed_images"] == 2 and c["timed_in_this_run"]
+        assert c["seconds_per_step_median"] == pytest.approx(c["seconds_per_image_median"] / 2)
+    # Each compared config has its own difference scale: its largest |A - plain|, computed here independently.
+    for c, vmax in zip(summary["configs"][1:], summary["diff_max"], strict=True):
+        diffs = []
+        for row in summary["images"]:
+            a, b = pixels(out / row["files"][c["label"]]), pixels(out / row["files"]["plain"])
+            diffs.append(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(-1).max())
+        assert vmax == pytest.approx(max(diffs)) and c["max_diff_vs_plain"] == vmax
+    html = (out / "index.html").read_text()
+    assert "median" in html and "warm-up" in html and "own colour scale" in html
+    # The grid carries a confidence colour scale below the tiles: both ends of viridis appear there.
+    grid = pixels(out / "grid.png")
+    legend = grid[-60:].reshape(-1, 3).astype(int)
+    for end in (0.0, 1.0):
+        colour = (np.asarray(colormaps["viridis"](end)[:3]) * 255).round().astype(int)
+        assert np.abs(legend - colour).sum(-1).min() <= 12, end
+    assert summary["measured"] is None  # the FID sentence belongs to the shipped weights, not this tiny model
+
+
+def test_confidence_fallback_is_recorded_and_labelled():
+    from qsilk.cli.compare import confidence_used
+    from qsilk.cli.runs import ImageResult, summarize_stats
+
+    stats = [{"step": i, "touched_fraction": 0.0, "confidence_source": s} for i, s in
+             enumerate(["attention", "structure", "structure", "structure"])]  # fmt: skip
+    summary = summarize_stats(stats)
+    assert summary["confidence_sources"] == {"attention": 1, "structure": 3}
+    assert [s["confidence_source"] for s in summary["per_step"]] == ["attention", "structure", "structure", "structure"]
+    result = ImageResult(None, Path("x.png"), {"stats": summary}, np.zeros((1, 1, 3), np.uint8), False, 0.1)
+    assert confidence_used([result], "attention") == "attention -> structure (fallback, 75 % of steps)"
+    clean = ImageResult(None, Path("x.png"), {"stats": summarize_stats(stats[:1])}, result.image, False, 0.1)
+    assert confidence_used([clean], "attention") == "attention"
+    assert summarize_stats([{"step": 0}])["confidence_sources"] is None  # stats that do not say
+
+
+def test_measured_fid_sentence_comes_from_the_shipped_results():
+    from qsilk.cli.compare import DEMO_FID_RESULTS, measured_fid_sentence
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "results" / "demo-fid.json"
+    assert DEMO_FID_RESULTS.read_bytes() == docs.read_bytes()  # the packaged copy is the committed raw result
+    results = json.loads(docs.read_text())
+    cells = {r["qsilk"]: r for r in results.values() if (r["steps"], r["cfg"]) == (8, 7.0)}
+    sentence = measured_fid_sentence()
+    for tag in ("off", "default", "qsilk-strong"):
+        assert f"{cells[tag]['fid']:.2f}" in sentence
+    assert "8 steps, CFG 7" in sentence and "5,000 samples" in sentence

@@ -1,8 +1,10 @@
 """``qsilk`` command line: ``generate``, ``compare``, ``info``.
 
 Every bad input ends in one line on stderr (``error: ...``) and exit code 2, before anything is written:
-options are checked first, then the model is loaded, then class names / prompts are checked against it, and only
-then is the output folder created. Set ``QSILK_DEBUG=1`` to get tracebacks of unexpected errors.
+options are checked first, then what a local model folder says about itself (class names, scheduler, step count:
+no weights read), then the model is loaded and the conditions are checked against it, and only then is the output
+folder created. A run that fails later removes the folders it created while they are still empty.
+Set ``QSILK_DEBUG=1`` to get tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import qsilk
+
+        typer.echo(f"qsilk {qsilk.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """QSilk: micro-clamp + AQClip on the guided x0 of diffusion samplers. Generate, compare, inspect."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code instead of exiting when given ``argv``."""
     command = typer.main.get_command(app)
@@ -89,6 +108,12 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+def _warn(console, message: str) -> None:
+    from .runs import say
+
+    say(console, f"warning: {one_line(message)}")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -133,6 +158,44 @@ ClampOpt = Annotated[bool | None, typer.Option("--clamp/--no-clamp", help="Micro
 AQClipOpt = Annotated[bool | None, typer.Option("--aqclip/--no-aqclip", help="AQClip on/off.")]
 
 
+def _preset_help() -> str:
+    from qsilk import QSilkConfig
+
+    names = getattr(QSilkConfig, "preset_names", None)
+    return ", ".join(names()) if names else "default, strong"
+
+
+@dataclass(frozen=True)
+class _Request:
+    classes: list[str]
+    prompts: list[str]
+    negative_prompt: str | None
+    width: int | None
+    default_classes: bool
+
+
+def _conditions(kind: str, pipeline: str, table: dict[int, str], labels: dict[str, int], total: int, request: _Request):
+    """The run's conditions, checked against what the model takes (a loaded pipeline or a folder preview)."""
+    from . import models, runs
+
+    classes = request.classes
+    if kind == "class":
+        if request.prompts or request.negative_prompt:
+            raise CliError(f"{pipeline} is class-conditional: use --class, not --prompt")
+        if request.width is not None:
+            raise CliError("--width/--height apply to text-to-image models only")
+        if not classes:
+            names = [n for n in DEMO_CLASSES if n in labels] if request.default_classes else []
+            classes = names or [str(i) for i in list(table)[: (5 if request.default_classes else 16)]]
+        pairs = models.resolve_class_names(table, labels, total, classes)
+        return [runs.Condition(class_id=i, class_name=n) for i, n in pairs]
+    if classes:
+        raise CliError(f"{pipeline} is a text-to-image model: use --prompt, not --class")
+    if not request.prompts:
+        raise CliError(f"{pipeline} is a text-to-image model: give at least one --prompt")
+    return [runs.Condition(prompt=p, negative_prompt=request.negative_prompt) for p in request.prompts]
+
+
 @dataclass
 class _Prepared:
     pipe: Any
@@ -163,6 +226,7 @@ def _prepare(
     uses_qsilk: bool,
     threads: int | None = None,
     validate_more=None,
+    console=None,
 ) -> _Prepared:
     """Everything before the first image: check options, load the model, check conditions against it."""
     from . import models, options, runs
@@ -192,6 +256,16 @@ def _prepare(
         if not folder.exists() and model_config.startswith(("/", ".", "~")):
             raise CliError(f"--model-config folder {model_config} does not exist")
     runs.ensure_writable_dir(out)
+    request = _Request(classes or [], prompt_list, negative_prompt, width, default_classes)
+    preview = models.preview_model(source, scheduler_class)
+    if preview is not None:  # a local folder: check what it can tell without loading weights
+        if preview.conditioning is not None:
+            _conditions(preview.conditioning, preview.pipeline, preview.classes, preview.labels,
+                        preview.num_classes, request)  # fmt: skip
+        if preview.scheduler is not None:
+            if uses_qsilk:
+                models.check_qsilk_support(preview.scheduler)
+            models.check_scheduler_steps(preview.scheduler, steps)
 
     if threads is None and source.kind == "demo" and device_name == "cpu":
         # The demo model's ops are too small to gain from intra-op threads, and on a busy machine oversubscribed
@@ -201,6 +275,7 @@ def _prepare(
         import torch
 
         torch.set_num_threads(threads)
+    notes = models.LoadNotes()
     pipe = models.load_pipeline(
         source,
         device=device_name,
@@ -208,26 +283,17 @@ def _prepare(
         scheduler=scheduler_class,
         model_config=model_config,
         pipeline_class=pipeline_class,
+        notes=notes,
     )
+    for message in notes.warnings:
+        _warn(console, message)
     if uses_qsilk:
-        models.check_qsilk_support(pipe)
+        models.check_qsilk_support(pipe.scheduler)
+    if preview is None or preview.scheduler is None:
+        models.check_scheduler_steps(pipe.scheduler, steps)
     kind = models.conditioning(pipe)
-    if kind == "class":
-        if prompt_list or negative_prompt:
-            raise CliError(f"{type(pipe).__name__} is class-conditional: use --class, not --prompt")
-        if width is not None:
-            raise CliError("--width/--height apply to text-to-image models only")
-        if not classes:
-            table = models.class_table(pipe)
-            names = [n for n in DEMO_CLASSES if n in getattr(pipe, "labels", {})] if default_classes else []
-            classes = names or [str(i) for i in list(table)[: (5 if default_classes else 16)]]
-        conditions = [runs.Condition(class_id=i, class_name=n) for i, n in models.resolve_classes(pipe, classes)]
-    else:
-        if classes:
-            raise CliError(f"{type(pipe).__name__} is a text-to-image model: use --prompt, not --class")
-        if not prompt_list:
-            raise CliError(f"{type(pipe).__name__} is a text-to-image model: give at least one --prompt")
-        conditions = [runs.Condition(prompt=p, negative_prompt=negative_prompt) for p in prompt_list]
+    conditions = _conditions(kind, type(pipe).__name__, models.class_table(pipe), getattr(pipe, "labels", {}),
+                             models.num_classes(pipe), request)  # fmt: skip
     if cfg is None:
         cfg = 4.0 if kind == "class" else 7.5
     scheduler_name, scheduler_config = runs.scheduler_record(pipe)
@@ -249,7 +315,7 @@ def _prepare(
 # ---------------------------------------------------------------------------------------------- commands
 
 
-@app.command()
+@app.command(short_help="Generate images (QSilk on by default); each PNG records how to reproduce it.")
 def generate(
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
@@ -264,7 +330,10 @@ def generate(
     width: WidthOpt = None,
     height: HeightOpt = None,
     use_qsilk: Annotated[bool, typer.Option("--qsilk/--no-qsilk", help="Apply QSilk (default on).")] = True,
-    config: Annotated[str | None, typer.Option(metavar="FILE|JSON", help="QSilk config: JSON file or inline JSON; flags override it.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(metavar="NAME", help=f"Named QSilk config to start from ({_preset_help()}).")
+    ] = None,
+    config: Annotated[str | None, typer.Option(metavar="FILE|JSON", help="QSilk config: JSON file or inline JSON; overrides the preset, flags override it.")] = None,
     quantile: QuantileOpt = None,
     mode: ModeOpt = None,
     tile: TileOpt = None,
@@ -291,26 +360,26 @@ def generate(
     def check_qsilk() -> None:
         nonlocal qsilk_config
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
-        if not use_qsilk and (given or config is not None):
-            raise CliError(f"QSilk options ({', '.join(given + (['--config'] if config else []))}) given with --no-qsilk")
-        qsilk_config = options.build_config(config, flags) if use_qsilk else None
+        given += [name for name, v in (("--preset", preset), ("--config", config)) if v is not None]
+        if not use_qsilk and given:
+            raise CliError(f"QSilk options ({', '.join(given)}) given with --no-qsilk")
+        qsilk_config = options.build_config(config, flags, preset=preset) if use_qsilk else None
 
+    console = _console()
     prepared = _prepare(
         model=model, model_config=model_config, pipeline_class=pipeline_class, classes=classes, prompts=prompts,
         negative_prompt=negative_prompt, seeds=seeds or ["0"], steps=steps, cfg=cfg, scheduler=scheduler,
         width=width, height=height, device=device, dtype=dtype, out=out, default_classes=False,
-        uses_qsilk=use_qsilk, threads=threads, validate_more=check_qsilk,
+        uses_qsilk=use_qsilk, threads=threads, validate_more=check_qsilk, console=console,
     )  # fmt: skip
     jobs = [runs.Job(c, s, qsilk_config) for c in prepared.conditions for s in prepared.seeds]
-    runs.make_dir(out)
-    results = runs.run_jobs(
-        prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, console=_console()
-    )
+    with runs.output_folder(out):
+        results = runs.run_jobs(prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, console=console)
     made = sum(not r.skipped for r in results)
     typer.echo(f"{made} image(s) written, {len(results) - made} already done, in {out}")
 
 
-@app.command()
+@app.command(short_help="Same seeds without and with QSilk (and presets/configs): images, maps, index.html.")
 def compare(
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
@@ -324,6 +393,10 @@ def compare(
     scheduler: SchedulerOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
+    presets: Annotated[
+        list[str] | None,
+        typer.Option("--preset", metavar="NAME", help=f"Extra column with a named QSilk config ({_preset_help()}); repeat."),
+    ] = None,
     configs: Annotated[
         list[str] | None, typer.Option("--config", metavar="FILE|JSON", help="Extra QSilk config column (JSON file or inline); repeat.")
     ] = None,
@@ -351,38 +424,42 @@ def compare(
         quantile=quantile, mode=mode, tile=tile, stride=stride, k_min=k_min, k_max=k_max,
         confidence=confidence, clamp=clamp, aqclip=aqclip,
     )  # fmt: skip
-    columns: list[tuple[str, dict[str, Any] | None]] = []
+    columns: list[comparison.Column] = []
 
     def check_columns() -> None:
-        columns.append(("plain", None))
-        columns.append(("qsilk", options.build_config(None, flags)))
-        sources = configs or []
-        for label, source in zip(options.config_labels(sources), sources, strict=True):
-            columns.append((runs.slugify(label), options.build_config(source, {})))
+        default = options.build_config(None, flags)
+        named: list[tuple[str, dict[str, Any] | None]] = [("plain", None)]
+        named.append(("qsilk defaults" if default == options.default_config() else f"qsilk {options.describe(default)}", default))
+        for name in presets or []:
+            named.append((name, options.build_config(None, {}, preset=name)))
+        for source in configs or []:
+            built = options.build_config(source, {})
+            named.append((options.config_label(source, built), built))
+        columns.extend(comparison.make_columns(named))
         if sample < 0:
             raise CliError(f"--sample must be >= 0, got {sample}")
 
+    console = _console()
     prepared = _prepare(
         model=model, model_config=model_config, pipeline_class=pipeline_class, classes=classes, prompts=prompts,
         negative_prompt=negative_prompt, seeds=seeds or ["0-1"], steps=steps, cfg=cfg, scheduler=scheduler,
         width=width, height=height, device=device, dtype=dtype, out=out, default_classes=True,
-        uses_qsilk=True, threads=threads, validate_more=check_columns,
+        uses_qsilk=True, threads=threads, validate_more=check_columns, console=console,
     )  # fmt: skip
     rows = [(c, s) for c in prepared.conditions for s in prepared.seeds]
     if sample >= len(rows):
         raise CliError(f"--sample {sample} is out of range: there are {len(rows)} rows")
-    jobs = [runs.Job(c, s, cfg_dict, folder=f"images/{label}") for label, cfg_dict in columns for c, s in rows]
-    runs.make_dir(out)
-    console = _console()
-    results = runs.run_jobs(
-        prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, record_maps=True,
-        measure_plain=True, console=console,
-    )  # fmt: skip
-    page = comparison.write_report(results, columns, rows, prepared.settings, prepared.versions, out, sample=sample)
+    jobs = [runs.Job(c, s, col.config, folder=f"images/{col.folder}") for col in columns for c, s in rows]
+    with runs.output_folder(out):
+        results = runs.run_jobs(
+            prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, record_maps=True,
+            measure_plain=True, warmup=True, console=console,
+        )  # fmt: skip
+        page = comparison.write_report(results, columns, rows, prepared.settings, prepared.versions, out, sample=sample)
     typer.echo(f"comparison written to {page}")
 
 
-@app.command()
+@app.command(short_help="Versions, devices, and the demo model (where it is, its classes).")
 def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:

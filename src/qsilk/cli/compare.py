@@ -6,13 +6,42 @@ from __future__ import annotations
 import html
 import json
 import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import render
-from .runs import ImageResult, Settings, atomic_write_text
+from .runs import ImageResult, Settings, atomic_write_text, slugify, to_json
+
+# The measured FID/KID cells of the demo model (a copy of docs/results/demo-fid.json; a test keeps them equal).
+DEMO_FID_RESULTS = Path(__file__).resolve().parents[1] / "assets" / "results" / "demo-fid.json"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the comparison: what the page calls it, its sub-folder of images/, its QSilk config."""
+
+    label: str
+    folder: str
+    config: dict[str, Any] | None
+
+
+def make_columns(named: list[tuple[str, dict[str, Any] | None]]) -> list[Column]:
+    """Columns from (label, config) pairs; folders are slugs of the labels, made unique. The first two columns
+    keep the folders ``plain`` and ``qsilk`` whatever their labels say."""
+    columns: list[Column] = []
+    taken: set[str] = set()
+    for i, (label, config) in enumerate(named):
+        base = ("plain", "qsilk")[i] if i < 2 else slugify(label)
+        folder, n = base, 2
+        while folder in taken:
+            folder, n = f"{base}-{n}", n + 1
+        taken.add(folder)
+        columns.append(Column(label, folder, config))
+    return columns
 
 
 def _row_label(condition, seed: int) -> str:
@@ -51,6 +80,21 @@ def _curves(results: list[ImageResult]) -> dict[str, list[float]]:
     }
 
 
+def confidence_used(items: list[ImageResult], configured: str | None) -> str | None:
+    """The confidence source the column really used: the configured one, or e.g. "attention -> structure
+    (fallback)" when the per-step stats say the attention probe fell back for some or all steps."""
+    counts: dict[str, int] = {}
+    for r in items:
+        for source, n in ((r.record.get("stats") or {}).get("confidence_sources") or {}).items():
+            counts[source] = counts.get(source, 0) + int(n)
+    if configured is None or not counts or set(counts) == {configured}:
+        return configured
+    others = sorted(k for k in counts if k != configured)
+    total = sum(counts.values())
+    share = f"{100 * sum(counts[k] for k in others) / total:.0f} % of steps"
+    return f"{configured} -> {'/'.join(others)} (fallback, {share})"
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
@@ -58,7 +102,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def write_report(
     results: list[ImageResult],
-    columns: list[tuple[str, dict[str, Any] | None]],
+    columns: list[Column],
     rows: list[tuple[Any, int]],
     settings: Settings,
     versions: dict[str, str],
@@ -69,11 +113,15 @@ def write_report(
     out = Path(out)
     table: dict[tuple[str, int], ImageResult] = {}
     row_index = {(c, s): i for i, (c, s) in enumerate(rows)}
+    by_folder = {col.folder: col.label for col in columns}
     for result in results:
-        label = result.job.folder.split("/", 1)[-1]
+        label = by_folder[result.job.folder.split("/", 1)[-1]]
         table[(label, row_index[(result.job.condition, result.job.seed)])] = result
-    labels = [label for label, _ in columns]
-    sources = {label: (config or {}).get("confidence") for label, config in columns}
+    labels = [col.label for col in columns]
+    sources = {
+        col.label: confidence_used([table[(col.label, i)] for i in range(len(rows))], (col.config or {}).get("confidence"))
+        for col in columns
+    }
     row_labels = [_row_label(c, s) for c, s in rows]
     first = table[(labels[0], 0)].image
     scale = render.display_scale(*first.shape[:2])
@@ -82,19 +130,27 @@ def write_report(
     # Grid: one column per config; a config whose confidence maps exist gets a column of them beside it.
     grid_cols: list[str] = []
     cells: list[list[np.ndarray | None]] = [[] for _ in rows]
+    has_confidence = False
     for label in labels:
         confs = [_mean_confidence(table[(label, i)].maps) for i in range(len(rows))]
         grid_cols.append(label)
         for i in range(len(rows)):
             cells[i].append(render.upscale(table[(label, i)].image, scale))
         if any(c is not None for c in confs):
+            has_confidence = True
             grid_cols.append(f"{label}: {sources[label] or 'uniform'} confidence")
             for i, conf in enumerate(confs):
                 tile = None if conf is None else render.resize_nearest(render.colorize(conf), height, width)
                 cells[i].append(tile)
-    render.save_png(out / "grid.png", render.labelled_grid(cells, row_labels, grid_cols))
+    grid = render.labelled_grid(cells, row_labels, grid_cols)
+    if has_confidence:
+        legend = render.colorbar_image(
+            "AQClip confidence (mean over steps): 0 = corridor k_min (narrowest), 1 = k_max (widest)", "viridis", 0, 1
+        )
+        grid = render.stack_below(grid, legend)
+    render.save_png(out / "grid.png", grid)
 
-    # Difference heat maps against the plain sampler.
+    # Difference heat maps against the plain sampler, each config on its own (stated) colour scale.
     compared = labels[1:]
     diffs = [
         [
@@ -103,7 +159,7 @@ def write_report(
         ]
         for i in range(len(rows))
     ]
-    diff_max = render.difference_figure(diffs, row_labels, compared, out / "diff.png") if compared else 0.0
+    diff_max = render.difference_figure(diffs, row_labels, compared, out / "diff.png") if compared else []
 
     # Per-step statistics and maps.
     curves = {label: _curves([table[(label, i)] for i in range(len(rows))]) for label in labels}
@@ -122,19 +178,62 @@ def write_report(
             panels, steps, out / "steps.png", f"per-step maps, {row_labels[sample]} (delta = mean |x0' - x0|)"
         )
 
-    summary = _summary(table, columns, rows, row_labels, settings, versions, diff_max, sample, out)
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = _summary(table, columns, rows, row_labels, settings, versions, diff_max, sample, out, sources)
+    atomic_write_text(out / "compare.json", to_json(summary, indent=2, sort_keys=True) + "\n")
     page = out / "index.html"
     atomic_write_text(page, _html(summary, has_steps=bool(panels and steps), has_diff=bool(compared)))
     return page
 
 
-def _summary(table, columns, rows, row_labels, settings, versions, diff_max, sample, out: Path) -> dict[str, Any]:
-    labels = [label for label, _ in columns]
+def measured_fid_sentence(results_path: Path = DEMO_FID_RESULTS) -> str | None:
+    """One sentence with the demo model's measured FID without QSilk, with the defaults and with the strong
+    preset (the cell where all three were measured), from the shipped results file; None if it has no such cell."""
+    try:
+        results = json.loads(Path(results_path).read_text())
+    except (OSError, ValueError):
+        return None
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in results.values():
+        if r.get("steps") is None:
+            continue
+        tag = {"off": "off", "default": "default", "qsilk-strong": "strong", "strong": "strong"}.get(r["qsilk"])
+        if tag is not None:
+            cells.setdefault((r["steps"], r["cfg"], r.get("scheduler"), r["n"]), {})[tag] = r
+    complete = [(k, v) for k, v in cells.items() if {"off", "default", "strong"} <= set(v)]
+    if not complete:
+        return None
+    (steps, cfg, scheduler, n), cell = max(complete, key=lambda kv: kv[0][3])
+    off, default, strong = cell["off"], cell["default"], cell["strong"]
+
+    def verdict(r: dict) -> str:
+        within = abs(r["kid"] - off["kid"]) <= max(r["kid_std"], off["kid_std"])
+        return "within the KID spread between subsets" if within else "beyond the KID spread between subsets"
+
+    return (
+        f"Measured on this model (FID against 10,000 test images, {n:,} samples per cell, {scheduler}, "
+        f"{steps} steps, CFG {cfg:g}; docs/results/demo-fid.json): FID {off['fid']:.2f} without QSilk, "
+        f"{default['fid']:.2f} with the defaults ({default['fid'] - off['fid']:+.2f}, {verdict(default)}) and "
+        f"{strong['fid']:.2f} with the strong preset ({strong['fid'] - off['fid']:+.2f}, {verdict(strong)})."
+    )
+
+
+def is_shipped_demo(model: dict[str, str]) -> bool:
+    """The measured numbers belong to the shipped demo weights only, not to any folder named by QSILK_DEMO_MODEL."""
+    from qsilk.models.demo import DEMO_MODEL_DIR
+
+    return model.get("kind") == "demo" and Path(model["location"]) == Path(DEMO_MODEL_DIR).resolve()
+
+
+def _summary(
+    table, columns, rows, row_labels, settings, versions, diff_max, sample, out: Path, sources
+) -> dict[str, Any]:
+    labels = [col.label for col in columns]
     per_config = []
-    for label, config in columns:
+    for j, col in enumerate(columns):
+        label, config = col.label, col.config
         items = [table[(label, i)] for i in range(len(rows))]
-        seconds = [r.seconds for r in items if r.seconds is not None]
+        fresh = [r.seconds for r in items if r.seconds is not None and not r.skipped]
+        seconds = fresh or [r.seconds for r in items if r.seconds is not None]
         touched = [v for r in items for v in [((r.record.get("stats") or {}).get("touched_fraction_mean"))] if v is not None]
         before = [v for r in items for v in [((r.record.get("stats") or {}).get("max_abs_before"))] if v is not None]
         after = [v for r in items for v in [((r.record.get("stats") or {}).get("max_abs_after"))] if v is not None]
@@ -142,16 +241,24 @@ def _summary(table, columns, rows, row_labels, settings, versions, diff_max, sam
         mae = [float(np.abs(r.image.astype(np.float32) - b.astype(np.float32)).mean()) for r, b in zip(items, base, strict=True)]
         psnr = [_psnr(r.image, b) for r, b in zip(items, base, strict=True)]
         finite_psnr = [p for p in psnr if math.isfinite(p)]
+        median = statistics.median(seconds) if seconds else None
         per_config.append(
             {
                 "label": label,
+                "folder": col.folder,
                 "config": config,
-                "seconds_per_image": sum(seconds) / len(seconds) if seconds else None,
+                "confidence_used": sources[label],
+                "seconds_per_image_median": median,
+                "seconds_per_step_median": median / settings.steps if median is not None else None,
+                "timed_images": len(seconds),
+                "timed_in_this_run": bool(fresh),
                 "touched_fraction_mean": sum(touched) / len(touched) if touched else None,
                 "max_abs_before_mean": sum(before) / len(before) if before else None,
                 "max_abs_after_mean": sum(after) / len(after) if after else None,
                 "mae_vs_plain": sum(mae) / len(mae),
+                "max_diff_vs_plain": diff_max[j - 1] if j > 0 and diff_max else 0.0,
                 "psnr_vs_plain": sum(finite_psnr) / len(finite_psnr) if finite_psnr else None,
+                "identical_to_plain": sum(p == float("inf") for p in psnr),
             }
         )
     images = [
@@ -176,6 +283,7 @@ def _summary(table, columns, rows, row_labels, settings, versions, diff_max, sam
         "configs": per_config,
         "diff_max": diff_max,
         "maps_sample": row_labels[sample],
+        "measured": measured_fid_sentence() if is_shipped_demo(settings.model) else None,
         "images": images,
     }
 
@@ -218,11 +326,14 @@ def _html(summary: dict[str, Any], has_steps: bool, has_diff: bool) -> str:
     stat_rows = "\n".join(
         "<tr>"
         f"<td>{e(c['label'])}</td>"
-        f"<td>{_fmt(c['seconds_per_image'], 3)}</td>"
+        f"<td>{e(c['confidence_used'] or '-') if c['config'] is not None else '-'}</td>"
+        f"<td>{_fmt(c['seconds_per_image_median'], 3)}</td>"
+        f"<td>{_fmt(c['seconds_per_step_median'], 3)}</td>"
         f"<td>{_fmt(None if c['touched_fraction_mean'] is None else 100 * c['touched_fraction_mean'], 3)}</td>"
         f"<td>{_fmt(c['max_abs_before_mean'])}</td>"
         f"<td>{_fmt(c['max_abs_after_mean'])}</td>"
         f"<td>{_fmt(c['mae_vs_plain'], 3)}</td>"
+        f"<td>{_fmt(c['max_diff_vs_plain'], 3)}</td>"
         f"<td>{_fmt(c['psnr_vs_plain'], 3)}</td>"
         f"<td><details><summary>{'off' if c['config'] is None else 'config'}</summary>"
         f"<pre>{e(json.dumps(c['config'], indent=1))}</pre></details></td>"
@@ -230,6 +341,22 @@ def _html(summary: dict[str, Any], has_steps: bool, has_diff: bool) -> str:
         for c in summary["configs"]
     )
     labels = [c["label"] for c in summary["configs"]]
+    compared = summary["configs"][1:]
+    seen = "; ".join(
+        f"{c['label']}: {_fmt(None if c['touched_fraction_mean'] is None else 100 * c['touched_fraction_mean'], 2)} % "
+        f"of x0 values changed per step, images differ from plain by {_fmt(c['mae_vs_plain'], 2)} grey levels on "
+        f"average (at most {_fmt(c['max_diff_vs_plain'], 3)} of 255)"
+        for c in compared
+    )
+    lead = [f"<p><b>What this run shows.</b> {e(seen)}.</p>"] if compared else []
+    if summary.get("measured"):
+        lead.append(f"<p>{e(summary['measured'])}</p>")
+    timed_here = all(c["timed_in_this_run"] for c in summary["configs"])
+    timing_note = (
+        "Timing: median over the images of each column, after one untimed warm-up call, so first-call costs are "
+        "not charged to whichever column runs first"
+        + ("." if timed_here else "; images reused from an earlier run keep the time measured then.")
+    )
     image_rows = "\n".join(
         f"<tr><td>{e(item['row'])}</td>"
         + "".join(
@@ -243,13 +370,15 @@ def _html(summary: dict[str, Any], has_steps: bool, has_diff: bool) -> str:
     sections = [
         "<h2>Images</h2>",
         "<p>Rows: class or prompt and seed. Columns: the plain sampler, then each QSilk config "
-        "(with its confidence map, mean over steps, where the config uses one).</p>",
+        "(with its confidence map, mean over steps, where the config uses one; colour scale below the grid).</p>",
         '<img src="grid.png" alt="comparison grid">',
     ]
     if has_diff:
+        scales = ", ".join(f"{c['label']} 0-{_fmt(m, 3)}" for c, m in zip(compared, summary["diff_max"], strict=True))
         sections += [
             "<h2>Difference from the plain sampler</h2>",
-            f"<p>|A - plain| per pixel, mean over RGB, 0-255 (colour scale up to {_fmt(summary['diff_max'], 3)}).</p>",
+            "<p>|A - plain| per pixel, mean over RGB, in grey levels of 255. Each config has its own colour scale, "
+            f"so small changes are amplified to be visible; read the scale on its colour bar ({e(scales)}).</p>",
             '<img src="diff.png" alt="difference heat maps">',
         ]
     sections += [
@@ -269,14 +398,17 @@ def _html(summary: dict[str, Any], has_steps: bool, has_diff: bool) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>qsilk compare</title><style>{_CSS}</style></head>
 <body>
 <h1>qsilk compare</h1>
+{chr(10).join(lead)}
 <h2>Parameters</h2>
 <table>{param_rows}</table>
 <h2>Configs and statistics</h2>
 <table>
-<tr><th>config</th><th>s / image</th><th>touched %</th><th>max |x0| before</th><th>max |x0| after</th>
-<th>MAE vs plain</th><th>PSNR vs plain (dB)</th><th>settings</th></tr>
+<tr><th>config</th><th>confidence used</th><th>s / image (median)</th><th>s / step</th><th>touched %</th>
+<th>max |x0| before</th><th>max |x0| after</th><th>MAE vs plain (0-255)</th><th>max |diff| vs plain</th>
+<th>PSNR vs plain (dB)</th><th>settings</th></tr>
 {stat_rows}
 </table>
+<p>{e(timing_note)}</p>
 {chr(10).join(sections)}
 <h2>Files</h2>
 <p>Every PNG carries its reproduction record (PNG text key "qsilk"); the JSON sidecar beside it adds timings.

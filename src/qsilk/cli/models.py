@@ -12,10 +12,13 @@ Everything here that can be checked without loading weights is checked before lo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +184,19 @@ def _guess_single_file_class(path: str) -> str:
 
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err) and "zipfile" not in str(err):
+                raise CliError(f"cannot read checkpoint {path}: {one_line(err)}") from None
+            # torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: guessing would read all of it.
+            raise CliError(
+                f"cannot tell which pipeline checkpoint {path} is for: it is in torch's legacy (non-zip) format, "
+                "whose keys cannot be read without loading the whole file; pass --pipeline-class "
+                "(e.g. StableDiffusionPipeline)"
+            ) from None
         except Exception as err:
             raise CliError(f"cannot read checkpoint {path}: {one_line(err)}") from None
+        if not isinstance(state, dict):
+            raise CliError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
         keys = list(state.get("state_dict", state))
     joined = "\n".join(keys)
     if "conditioner.embedders.1." in joined:
@@ -196,6 +210,54 @@ def _guess_single_file_class(path: str) -> str:
     raise CliError(f"cannot tell which pipeline checkpoint {path} is for; pass --pipeline-class")
 
 
+_LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub")
+_FP16_CPU_WARNING = "cannot run with `cpu` device"
+
+
+@contextlib.contextmanager
+def _library_logs() -> Iterator[list[logging.LogRecord]]:
+    """Collect what diffusers / transformers / huggingface_hub log while loading instead of letting it reach the
+    terminal: a failed load then ends in our one ``error:`` line, a successful one re-emits what matters."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect(level=logging.WARNING)
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers, logger.propagate = [handler], False
+    try:
+        yield records
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def _load_error(source: ModelSource, err: Exception, model_config: str | None) -> CliError:
+    """One line for a failed load; diffusers' "see the stacktrace above" is dropped (we print no stack trace)."""
+    message = re.sub(r"\s*Please check out the root cause in the stacktrace above\.?", "", one_line(err))
+    cause = err.__cause__
+    if source.kind == "hub" and cause is not None:
+        message = (
+            f"it is not in the local Hugging Face cache and the Hub could not be reached "
+            f"({type(cause).__name__}: {one_line(cause)}); download it first or pass a local folder"
+        )
+    elif source.kind == "single_file" and model_config is None:
+        message += " (offline, pass --model-config <local diffusers folder with the component configs>)"
+    return CliError(f"cannot load model {source.spec}: {type(err).__name__}: {message}")
+
+
+@dataclass
+class LoadNotes:
+    """Warnings of a successful load, to be printed once as ``warning:`` lines."""
+
+    warnings: list[str] = field(default_factory=list)
+
+
 def load_pipeline(
     source: ModelSource,
     *,
@@ -204,8 +266,12 @@ def load_pipeline(
     scheduler: str | None = None,
     model_config: str | None = None,
     pipeline_class: str | None = None,
+    notes: LoadNotes | None = None,
 ):
-    """Load the pipeline ``source`` names, on ``device`` in ``dtype``, with the scheduler swapped if asked."""
+    """Load the pipeline ``source`` names, on ``device`` in ``dtype``, with the scheduler swapped if asked.
+
+    The libraries' own log lines are held back; warnings that matter are returned in ``notes`` (diffusers'
+    "fp16 cannot run on CPU", which is not true of current torch, is replaced by one line of ours)."""
     import torch
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -213,48 +279,142 @@ def load_pipeline(
     from qsilk.models.demo import QSilkDemoPipeline
 
     dtype = dtype or torch.float32
-    diffusers_logging.disable_progress_bar()  # our own progress bar is the only one
+    notes = notes if notes is not None else LoadNotes()
+    diffusers_logging.disable_progress_bar()  # our own progress display is the only one
     try:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - class-conditional models need no transformers
         pass
-    try:
-        if source.kind in ("demo", "folder"):
-            index = json.loads((Path(source.location) / "model_index.json").read_text())
-            if index.get("_class_name") == QSilkDemoPipeline.__name__:
-                pipe = QSilkDemoPipeline.from_pretrained(source.location, dtype=dtype)
+    with _library_logs() as records:
+        try:
+            if source.kind in ("demo", "folder"):
+                index = json.loads((Path(source.location) / "model_index.json").read_text())
+                if index.get("_class_name") == QSilkDemoPipeline.__name__:
+                    pipe = QSilkDemoPipeline.from_pretrained(source.location, dtype=dtype)
+                else:
+                    pipe = DiffusionPipeline.from_pretrained(source.location, dtype=dtype)
+            elif source.kind == "single_file":
+                cls = _single_file_class(source.location, model_config, pipeline_class)
+                kwargs: dict[str, Any] = {"dtype": dtype}
+                if model_config is not None:
+                    kwargs["config"] = model_config
+                pipe = cls.from_single_file(source.location, **kwargs)
             else:
                 pipe = DiffusionPipeline.from_pretrained(source.location, dtype=dtype)
-        elif source.kind == "single_file":
-            cls = _single_file_class(source.location, model_config, pipeline_class)
-            kwargs: dict[str, Any] = {"dtype": dtype}
-            if model_config is not None:
-                kwargs["config"] = model_config
-            pipe = cls.from_single_file(source.location, **kwargs)
-        else:
-            pipe = DiffusionPipeline.from_pretrained(source.location, dtype=dtype)
-    except CliError:
-        raise
+        except CliError:
+            raise
+        except Exception as err:
+            raise _load_error(source, err, model_config) from None
+        swap_scheduler(pipe, scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(device)
+    for record in records:
+        message = record.getMessage()
+        if _FP16_CPU_WARNING not in message:
+            notes.warnings.append(one_line(message))
+    if device == "cpu" and dtype == torch.float16:
+        notes.warnings.append(
+            "fp16 on CPU: it runs (torch computes fp16 on CPU, whatever diffusers says), but more slowly than "
+            "fp32, and its images differ slightly from fp32 and from fp16 on a GPU; --dtype fp32 is the CPU default"
+        )
+    return pipe
+
+
+def check_scheduler_steps(scheduler, steps: int) -> None:
+    """Run ``scheduler`` for ``steps`` steps on a tiny zero latent (a copy, no model): a scheduler that cannot take
+    this many steps (PNDM with too few) fails here with one line, before any image is made."""
+    import copy
+    import inspect
+
+    import torch
+
+    trial = copy.deepcopy(scheduler)
+    kwargs: dict[str, Any] = {}
+    config = getattr(trial, "config", {})
+    if config.get("use_dynamic_shifting") and "mu" in inspect.signature(trial.set_timesteps).parameters:
+        kwargs["mu"] = 1.0  # flow pipelines pass their own shift; any value tells whether the step count works
+    name = type(scheduler).__name__
+    try:
+        with torch.random.fork_rng(devices=[]):  # stochastic schedulers draw noise: leave the global RNG alone
+            trial.set_timesteps(steps, **kwargs)
+            sample = torch.zeros(1, 4, 8, 8)
+            for t in trial.timesteps:
+                trial.scale_model_input(sample, t)
+                sample = trial.step(torch.zeros_like(sample), t, sample).prev_sample
     except Exception as err:
-        hint = ""
-        if source.kind == "single_file" and model_config is None:
-            hint = " (offline, pass --model-config <local diffusers folder with the component configs>)"
-        raise CliError(f"cannot load model {source.spec}: {type(err).__name__}: {one_line(err)}{hint}") from None
-    swap_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        raise CliError(
+            f"{name} cannot run {steps} step(s) with this model's scheduler config: {type(err).__name__}: "
+            f"{one_line(err)}; try more --steps or another --scheduler"
+        ) from None
 
 
-def check_qsilk_support(pipe) -> None:
-    """Fail before generating when QSilk cannot drive this pipeline's scheduler."""
+@dataclass(frozen=True)
+class ModelPreview:
+    """What a local diffusers folder says about itself without loading any weights."""
+
+    pipeline: str
+    conditioning: str | None  # "class", "text" or None (cannot tell)
+    classes: dict[int, str]
+    labels: dict[str, int]
+    num_classes: int
+    scheduler: Any  # the scheduler the run will use (after --scheduler), built from the folder's config
+
+
+def preview_model(source: ModelSource, scheduler: str | None) -> ModelPreview | None:
+    """Read ``model_index.json`` and the scheduler config of a local folder, so class names, the scheduler and
+    the step count are checked before a model load that can take many seconds. None for other sources."""
+    if source.kind not in ("demo", "folder"):
+        return None
+    import inspect
+
+    import diffusers
+
+    from qsilk.models.demo import QSilkDemoPipeline
+
+    folder = Path(source.location)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot read {folder / 'model_index.json'}: {one_line(err)}") from None
+    name = str(index.get("_class_name"))
+    cls = QSilkDemoPipeline if name == QSilkDemoPipeline.__name__ else getattr(diffusers, name, None)
+    params = inspect.signature(cls.__call__).parameters if isinstance(cls, type) else {}
+    id2label = {int(k): str(v) for k, v in (index.get("id2label") or {}).items()}
+    conditioning_kind = "class" if "class_labels" in params and id2label else "text" if "prompt" in params else None
+    classes = {k: v.split(",")[0].strip() for k, v in sorted(id2label.items())}
+    labels = {n.strip(): k for k, v in id2label.items() for n in v.split(",")}
+    num = len(classes)
+    transformer_config = folder / "transformer" / "config.json"
+    if transformer_config.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            num = int(json.loads(transformer_config.read_text()).get("num_embeds_ada_norm") or num)
+    sched = None
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if scheduler_config.is_file():
+        try:
+            config = json.loads(scheduler_config.read_text())
+            base = getattr(diffusers, str(config.get("_class_name")))
+            sched = base.from_config(config)
+        except Exception:  # an exotic scheduler: the real load will say what is wrong
+            sched = None
+        if sched is not None and scheduler is not None and type(sched).__name__ != scheduler:
+            try:
+                sched = getattr(diffusers, scheduler).from_config(sched.config)
+            except Exception as err:
+                raise CliError(f"cannot use scheduler {scheduler} with this model: {one_line(err)}") from None
+    return ModelPreview(name, conditioning_kind, classes, labels, num, sched)
+
+
+def check_qsilk_support(scheduler) -> None:
+    """Fail before generating when QSilk cannot drive this scheduler (a pipeline's ``.scheduler``)."""
     from qsilk.sampling import UnsupportedSchedulerError, adapter_for
 
     try:
-        adapter_for(pipe.scheduler)
+        adapter_for(scheduler)
     except (UnsupportedSchedulerError, TypeError, ValueError) as err:
-        raise CliError(f"QSilk cannot run with {type(pipe.scheduler).__name__}: {one_line(err)}") from None
+        raise CliError(f"QSilk cannot run with {type(scheduler).__name__}: {one_line(err)}") from None
 
 
 def conditioning(pipe) -> str:
@@ -286,9 +446,14 @@ def num_classes(pipe) -> int:
 
 def resolve_classes(pipe, values: list[str]) -> list[tuple[int, str]]:
     """``--class`` values (names, case-insensitive, or ids) -> (id, display name) pairs."""
-    table = class_table(pipe)
-    labels = {name.lower(): idx for name, idx in getattr(pipe, "labels", {}).items()}
-    total = num_classes(pipe)
+    return resolve_class_names(class_table(pipe), getattr(pipe, "labels", {}), num_classes(pipe), values)
+
+
+def resolve_class_names(
+    table: dict[int, str], names: dict[str, int], total: int, values: list[str]
+) -> list[tuple[int, str]]:
+    """``resolve_classes`` from the tables alone (also used on a :class:`ModelPreview`, before loading)."""
+    labels = {name.lower(): idx for name, idx in names.items()}
     out = []
     for value in values:
         text = value.strip()

@@ -26,38 +26,73 @@ FLAG_FIELDS = {
 
 
 def read_config_source(source: str) -> dict[str, Any]:
-    """``--config`` value -> dict: a path to a JSON file, or inline JSON (starting with ``{``)."""
+    """``--config`` value -> dict: inline JSON (starting with ``{`` or ``[``), a path to a JSON file, or other inline
+    JSON (a number, a string: reported as not an object)."""
     text = source.strip()
-    origin = "inline --config JSON"
-    if not text.startswith("{"):
-        path = Path(source).expanduser()
+    if not text.startswith(("{", "[")) and _is_file(text):
         origin = f"config file {source}"
-        if not path.is_file():
-            raise CliError(f"config file {source} does not exist")
         try:
-            text = path.read_text()
+            text = Path(text).expanduser().read_text()
         except (OSError, UnicodeDecodeError) as err:
             raise CliError(f"cannot read config file {source}: {one_line(err)}") from None
+    else:
+        origin = "inline --config JSON"
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            if not text.startswith(("{", "[")):  # neither a file nor JSON: most likely a mistyped path
+                raise CliError(f"config file {source} does not exist (nor is it inline JSON)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise CliError(f"malformed JSON in {origin}: {err.msg} at line {err.lineno} column {err.colno}") from None
     if not isinstance(data, dict):
-        raise CliError(f"{origin} must hold a JSON object, not {type(data).__name__}")
+        raise CliError(f"{origin} must hold a JSON object ({{\"key\": value, ...}}), not {_json_type(data)}")
     return data
 
 
-def build_config(source: str | None, flags: dict[str, Any]) -> dict[str, Any]:
-    """A validated ``QSilkConfig`` dict from an optional file/inline JSON plus CLI flags (flags win)."""
+def _is_file(text: str) -> bool:
+    try:
+        return bool(text) and Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte ...
+        return False
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    """A named QSilk config shipped in the package, as a dict; unknown names are a one-line error."""
     from qsilk import QSilkConfig
 
-    data = read_config_source(source) if source is not None else {}
+    names = list(QSilkConfig.preset_names())
+    if name not in names:
+        raise CliError(f"unknown preset {name!r}; choose from {', '.join(names)}")
+    return QSilkConfig.preset(name).to_dict()
+
+
+def default_config() -> dict[str, Any]:
+    from qsilk import QSilkConfig
+
+    return QSilkConfig().to_dict()
+
+
+def build_config(source: str | None, flags: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+    """A validated ``QSilkConfig`` dict: a preset (default: the defaults), then an optional file/inline JSON, then
+    CLI flags; each later one overrides the keys it sets."""
+    from qsilk import QSilkConfig
+
+    data = preset_config(preset) if preset is not None else {}
     origin = f"config {source}" if source is not None else "QSilk options"
     if source is not None:
+        given = read_config_source(source)
         try:
-            QSilkConfig.from_dict(data)  # name unknown keys against the file alone, before flags are mixed in
+            QSilkConfig.from_dict({**data, **given})  # name bad keys against the file alone, before flags mix in
         except (ValueError, TypeError) as err:
             raise CliError(f"{origin}: {one_line(err)}") from None
+        data.update(given)
     for flag, value in flags.items():
         if value is None:
             continue
@@ -70,6 +105,28 @@ def build_config(source: str | None, flags: dict[str, Any]) -> dict[str, Any]:
         return QSilkConfig.from_dict(data).to_dict()
     except (ValueError, TypeError) as err:
         raise CliError(f"{origin}: {one_line(err)}") from None
+
+
+def describe(config: dict[str, Any]) -> str:
+    """What a config changes from the defaults, e.g. ``clamp_mode=hard, aqclip_k_max=3`` ("defaults" if nothing)."""
+    defaults = default_config()
+    changed = [f"{k}={_short(v)}" for k, v in config.items() if defaults.get(k) != v]
+    return ", ".join(changed) if changed else "defaults"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_label(source: str, config: dict[str, Any]) -> str:
+    """Column label of ``compare --config``: a file's stem, or for inline JSON the keys it changes."""
+    if not source.strip().startswith(("{", "[")) and _is_file(source.strip()):
+        return Path(source.strip()).stem
+    return describe(config)
 
 
 def _confidence(value: str) -> str | None:
@@ -108,17 +165,3 @@ def check_prompts(prompts: list[str]) -> list[str]:
             raise CliError("--prompt must not be empty")
         cleaned.append(prompt.strip())
     return cleaned
-
-
-def config_labels(sources: list[str]) -> list[str]:
-    """Column labels for ``compare --config`` values: file stems (inline JSON: config1, ...), made unique."""
-    labels: list[str] = []
-    taken = {"plain", "qsilk"}
-    for i, source in enumerate(sources, 1):
-        base = f"config{i}" if source.strip().startswith("{") else Path(source).stem or f"config{i}"
-        label, n = base, 2
-        while label in taken:
-            label, n = f"{base}-{n}", n + 1
-        taken.add(label)
-        labels.append(label)
-    return labels

@@ -117,18 +117,20 @@ def _pyplot():
 
 def difference_figure(
     diffs: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str], path: Path
-) -> float:
-    """Heat maps of |A - B| (mean over RGB, 0-255), ``diffs[sample][config]``, with one shared colour scale.
-    Drawn with one row per compared config and one column per sample (wide rather than tall).
-    Returns the colour scale's maximum."""
+) -> list[float]:
+    """Heat maps of |A - B| (mean over RGB, 0-255), ``diffs[sample][config]``, one row per compared config and one
+    column per sample. Each config row has its own colour scale, 0 to its largest difference, with its own colour
+    bar: a config that changes pixels by 2 grey levels is as visible as one that changes them by 60, and the bar
+    says which is which. Returns each config's largest difference (0 = identical to plain)."""
     plt = _pyplot()
     n_samples, n_configs = len(diffs), len(col_labels)
-    vmax = max(1.0, max(float(d.max()) for row in diffs for d in row))
+    maxima = [max(float(diffs[i][j].max()) for i in range(n_samples)) for j in range(n_configs)]
     fig, axes = plt.subplots(
-        n_configs, n_samples, figsize=(1.5 * n_samples + 1.6, 1.7 * n_configs + 0.5), squeeze=False
+        n_configs, n_samples, figsize=(1.5 * n_samples + 2.2, 1.7 * n_configs + 0.5), squeeze=False
     )
-    image = None
     for j in range(n_configs):
+        vmax = maxima[j] if maxima[j] > 0 else 1.0
+        image = None
         for i in range(n_samples):
             ax = axes[j][i]
             image = ax.imshow(diffs[i][j], cmap="inferno", vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -137,10 +139,49 @@ def difference_figure(
             if j == 0:
                 ax.set_title(row_labels[i].replace(" / ", "\n"), fontsize=7)
             if i == 0:
-                ax.set_ylabel(col_labels[j], fontsize=9)
-    fig.colorbar(image, ax=axes, shrink=0.9, pad=0.02, label="|A - plain|, 0-255")
+                ax.set_ylabel(_wrap(col_labels[j], 22), fontsize=8)
+        bar = fig.colorbar(image, ax=list(axes[j]), shrink=0.9, pad=0.02)
+        bar.set_label("identical" if maxima[j] == 0 else f"|A - plain|, 0-{vmax:.3g} of 255", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
     _save_figure(fig, path)
-    return vmax
+    return maxima
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def colorbar_image(label: str, cmap: str, vmin: float, vmax: float, width_in: float = 6.0) -> np.ndarray:
+    """A horizontal colour bar with ticks and a label, as an (H, W, 3) uint8 image (a legend for PIL grids)."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    fig, ax = plt.subplots(figsize=(width_in, 0.28))
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin, vmax), cmap=cmap), cax=ax, orientation="horizontal")
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    from PIL import Image
+
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def stack_below(image: np.ndarray, below: np.ndarray, gap: int = 6) -> np.ndarray:
+    """``below`` under ``image`` on white, left-aligned after the row-label column."""
+    height = image.shape[0] + gap + below.shape[0]
+    width = max(image.shape[1], ROW_LABEL_WIDTH + below.shape[1])
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    canvas[: image.shape[0], : image.shape[1]] = image
+    top, left = image.shape[0] + gap, min(ROW_LABEL_WIDTH, width - below.shape[1])
+    canvas[top : top + below.shape[0], left : left + below.shape[1]] = below
+    return canvas
 
 
 def stats_figure(curves: dict[str, dict[str, list[float]]], path: Path) -> None:

@@ -5,6 +5,14 @@ An image is identified by its reproduction parameters (``params``): its file nam
 and a rerun skips an image whose PNG and sidecar already exist with equal parameters, so long runs resume.
 One image per pipeline call with its own CPU generator: an image never depends on its batch mates, the order of
 the run, or which images were skipped.
+
+Records are standard JSON (RFC 8259, what browsers' ``JSON.parse`` accepts): a non-finite number in a scheduler
+config (DPM-Solver's ``lambda_min_clipped = -inf``) is written as the string ``"-Infinity"`` (``"Infinity"``,
+``"NaN"``), and a non-finite statistic as ``null``.
+
+On resume a finished image is reused only if its PNG decodes completely, its PNG record and sidecar agree, and (for
+``compare``) its ``.maps.npz`` loads; a damaged one is reported by name and made again. Temp files left by a run
+killed between write and rename are removed by the next run.
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shlex
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CliError, SamplingError
+from .errors import CliError, SamplingError, one_line
 
 RECORD_FORMAT = "qsilk-image/1"
 PNG_KEY = "qsilk"
@@ -41,7 +51,11 @@ STAT_KEYS = (
     "clamp_active",
     "aqclip_active",
     "confidence_mean",
+    "confidence_source",
 )
+TMP_FILE = re.compile(r"^\.(?:.+\.(\d+)\.tmp|qsilk-write-test-(\d+))$")
+# Without a terminal (CI, nohup, pipes) progress is one line at most this often (plus the first and the last).
+PROGRESS_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +129,7 @@ def slugify(text: str, limit: int = 40) -> str:
 
 def parse_seeds(values: Iterable[str]) -> list[int]:
     """``--seed`` values: integers, ranges ``a-b`` (inclusive) and comma lists, in order, duplicates dropped."""
-    seeds: list[int] = []
+    seeds: dict[int, None] = {}  # an ordered set: membership is O(1), so 100,000 seeds parse in milliseconds
     for value in values:
         for part in str(value).split(","):
             part = part.strip()
@@ -130,10 +144,10 @@ def parse_seeds(values: Iterable[str]) -> list[int]:
                 raise CliError(f"seed {hi} is too large (max 2**63 - 1)")
             if hi - lo >= 100_000:
                 raise CliError(f"seed range {part!r} is too long (at most 100000 seeds)")
-            seeds.extend(s for s in range(lo, hi + 1) if s not in seeds)
+            seeds.update(dict.fromkeys(range(lo, hi + 1)))
     if not seeds:
         raise CliError("no seeds given")
-    return seeds
+    return list(seeds)
 
 
 def _jsonable(value: Any) -> Any:
@@ -146,9 +160,21 @@ def _jsonable(value: Any) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return nonfinite_name(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def nonfinite_name(value: float) -> str:
+    """How a non-finite float is written in our JSON: the JavaScript spelling, as a string."""
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def to_json(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN/Infinity instead of writing non-standard JSON."""
+    return json.dumps(data, allow_nan=False, **kwargs)
 
 
 def scheduler_record(pipe) -> tuple[str, dict[str, Any]]:
@@ -176,7 +202,7 @@ def job_params(settings: Settings, job: Job) -> dict[str, Any]:
 
 
 def params_key(params: dict[str, Any]) -> str:
-    blob = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    blob = to_json(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -197,13 +223,13 @@ def reproduce_command(params: dict[str, Any]) -> str:
     if params["qsilk"] is None:
         args.append("--no-qsilk")
     else:
-        args += ["--config", json.dumps(params["qsilk"], separators=(",", ":"))]
+        args += ["--config", to_json(params["qsilk"], separators=(",", ":"))]
     return " ".join(shlex.quote(a) for a in args)
 
 
 def _round(value: Any) -> Any:
     if isinstance(value, float):
-        return float(f"{value:.6g}")
+        return float(f"{value:.6g}") if math.isfinite(value) else None
     return value
 
 
@@ -233,8 +259,20 @@ def summarize_stats(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
         "max_abs_before": peak("max_abs_before"),
         "max_abs_after": peak("max_abs_after"),
         "confidence_mean": mean("confidence_mean"),
+        "confidence_sources": confidence_sources(stats),
         "per_step": [{k: _round(s.get(k)) for k in STAT_KEYS if k in s} for s in stats],
     }
+
+
+def confidence_sources(stats: list[dict[str, Any]]) -> dict[str, int] | None:
+    """How many steps used each confidence source (the handle's per-step ``confidence_source``: e.g. attention,
+    or structure when the attention probe fell back); None when the stats do not say."""
+    counts: dict[str, int] = {}
+    for s in stats:
+        source = s.get("confidence_source")
+        if source is not None:
+            counts[str(source)] = counts.get(str(source), 0) + 1
+    return counts or None
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -299,6 +337,11 @@ def ensure_writable_dir(out: Path) -> None:
         raise CliError(f"output folder {out} cannot be created: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CliError(f"output folder {out} is not writable ({probe} is read-only for this user)")
+    # os.access says yes to root even on read-only or virtual file systems (/proc): create and remove an entry.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qsilk-probe-", dir=probe))
+    except OSError as err:
+        raise CliError(f"output folder {out} is not writable: cannot create anything in {probe} ({err.strerror or err})") from None
 
 
 def make_dir(out: Path) -> None:
@@ -310,6 +353,59 @@ def make_dir(out: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise CliError(f"output folder {out} is not writable: {err.strerror or err}") from None
+
+
+def _folders(root: Path) -> set[Path]:
+    return {Path(d) for d, _, _ in os.walk(root)} if root.is_dir() else set()
+
+
+@contextlib.contextmanager
+def output_folder(out: Path) -> Iterator[Path]:
+    """Create ``out`` for a command; if the command then fails, remove every folder it created that is still
+    empty, so a failed run leaves no empty output folders behind (finished images are kept)."""
+    out = Path(out).expanduser()
+    root = out
+    while not root.parent.exists() and root.parent != root:
+        root = root.parent
+    existed = _folders(root)
+    make_dir(out)
+    try:
+        yield out
+    except BaseException:
+        for folder in sorted(_folders(root) - existed, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_temp_files(folders: Iterable[Path]) -> list[Path]:
+    """Remove the temp files of :func:`atomic_write_bytes` / :func:`make_dir` that a killed run left behind
+    (their writer's pid is in the name; a live writer's files are left alone)."""
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            match = TMP_FILE.match(path.name)
+            if not match or not path.is_file():
+                continue
+            pid = int(match.group(1) or match.group(2))
+            if pid != os.getpid() and _alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -328,16 +424,49 @@ def _paths(out: Path, job: Job, key: str) -> _Paths:
     return _Paths(folder / f"{stem}.png", folder / f"{stem}.json", folder / f"{stem}.maps.npz")
 
 
-def _existing(paths: _Paths, params: dict[str, Any], need_maps: bool) -> dict[str, Any] | None:
-    """The sidecar of an already finished image with these exact parameters, else None."""
-    if not (paths.png.is_file() and paths.sidecar.is_file()) or (need_maps and not paths.maps.is_file()):
-        return None
+@dataclass
+class _Finished:
+    sidecar: dict[str, Any]
+    image: np.ndarray
+    maps: dict[str, np.ndarray] | None
+
+
+def _load_finished(paths: _Paths, params: dict[str, Any], need_maps: bool) -> tuple[_Finished | None, str | None]:
+    """An already finished image with these exact parameters, fully read back, or (None, why it is damaged).
+
+    A missing sidecar is a normal interrupted image (no message); anything present but unreadable or
+    inconsistent is damage, reported by the caller and made again."""
+    if not paths.sidecar.is_file():
+        return None, None
     try:
         sidecar = json.loads(paths.sidecar.read_text())
-    except (OSError, ValueError):
-        return None
-    same = json.dumps(sidecar.get("params"), sort_keys=True) == json.dumps(params, sort_keys=True)
-    return sidecar if same else None
+        if not isinstance(sidecar, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return None, f"unreadable sidecar {paths.sidecar.name} ({one_line(err)})"
+    if sidecar.get("params") != params:
+        return None, None  # another image's sidecar (a hash collision): make ours
+    if not paths.png.is_file():
+        return None, f"{paths.png.name} is missing"
+    try:
+        image = load_png(paths.png)  # decodes every pixel: a truncated file fails here
+        record = read_png_record(paths.png)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError ... for damaged files
+        return None, f"damaged PNG {paths.png.name} ({type(err).__name__}: {one_line(err)})"
+    if record is None or record.get("params") != params:
+        return None, f"{paths.png.name} does not carry this image's record"
+    maps = None
+    if paths.maps.is_file() or need_maps:
+        try:
+            with np.load(paths.maps) as data:
+                maps = {k: data[k] for k in data.files}
+        except Exception as err:  # empty/corrupt zip: BadZipFile, EOFError, ValueError, OSError ...
+            if not paths.maps.is_file():
+                return None, f"{paths.maps.name} is missing"
+            return None, f"damaged maps {paths.maps.name} ({type(err).__name__}: {one_line(err)})"
+        if need_maps and "steps" not in maps:
+            return None, f"damaged maps {paths.maps.name} (no per-step data)"
+    return _Finished(sidecar, image, maps), None
 
 
 def _call_kwargs(pipe, settings: Settings, job: Job, generator, on_step: Callable[[int], None] | None) -> dict:
@@ -369,10 +498,25 @@ def _call_kwargs(pipe, settings: Settings, job: Job, generator, on_step: Callabl
     return kwargs
 
 
+def diverged(what: str) -> SamplingError:
+    """The one message for a sampler that diverged, whether QSilk saw it first or the decoded image did."""
+    return SamplingError(f"the sampler diverged (NaN/Inf) for {what}; try another --scheduler or a lower --cfg")
+
+
+def _sample(pipe, kwargs: dict[str, Any], what: str):
+    try:
+        return pipe(**kwargs)
+    except ValueError as err:
+        # QSilk's operators refuse non-finite x0 (qsilk.ops._checks.check_latent): the sampler diverged upstream.
+        if "non-finite" in str(err):
+            raise diverged(what) from None
+        raise
+
+
 def _to_uint8(images, what: str = "image") -> np.ndarray:
     array = np.asarray(images[0], dtype=np.float32)
     if not np.isfinite(array).all():
-        raise SamplingError(f"the sampler produced NaN/Inf for {what}; try another --scheduler or fewer --cfg")
+        raise diverged(what)
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == 1:
@@ -415,6 +559,54 @@ def _qsilk_patch(pipe, config: dict[str, Any] | None, record_maps: bool, measure
         qsilk.disable(pipe)
 
 
+def say(console, text: str) -> None:
+    """One plain line on the console: no markup (paths may hold brackets), no wrapping (logs are grepped)."""
+    if console is not None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; without one (CI, nohup, a pipe) a line per finished image, at most one
+    every ``PROGRESS_INTERVAL_S`` seconds plus the first and the last, so a log shows the run is alive."""
+
+    def __init__(self, console, total: int, steps: int) -> None:
+        self.console, self.total, self.steps, self.done = console, total, steps, 0
+        self.live = console is not None and console.is_terminal and total > 0
+        self.last_line: float | None = None
+        self.bar = None
+
+    def __enter__(self) -> _Progress:
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=self.console, transient=False,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("images", total=self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description="images")
+            self.bar.stop()
+
+    def step(self, what: str, i: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=f"{what}: step {i}/{self.steps}")
+
+    def finished(self, what: str, seconds: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+            return
+        now = time.monotonic()
+        if self.last_line is None or now - self.last_line >= PROGRESS_INTERVAL_S or self.done == self.total:
+            say(self.console, f"[{self.done}/{self.total}] {what}: {seconds:.2f} s")
+            self.last_line = now
+
+
 def run_jobs(
     pipe,
     settings: Settings,
@@ -424,72 +616,72 @@ def run_jobs(
     versions: dict[str, str],
     record_maps: bool = False,
     measure_plain: bool = False,
+    warmup: bool = False,
     console=None,
 ) -> list[ImageResult]:
-    """Generate (or reuse) every job's image, writing PNG + sidecar (+ maps when ``record_maps``)."""
+    """Generate (or reuse) every job's image, writing PNG + sidecar (+ maps when ``record_maps``).
+
+    ``warmup``: one untimed pipeline call before the first timed image, so first-call costs (lazy
+    initialisation, allocator, kernel selection) are not charged to whichever config happens to run first."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results: list[ImageResult | None] = [None] * len(jobs)
     planned = []
     for index, job in enumerate(jobs):
         params = job_params(settings, job)
         key = params_key(params)
-        paths = _paths(out, job, key)
-        planned.append((index, job, params, key, paths))
+        planned.append((index, job, params, key, _paths(out, job, key)))
+
+    removed = clean_temp_files({Path(out)} | {item[4].png.parent for item in planned})
+    if removed:
+        say(console, f"removed {len(removed)} temp file(s) left by an interrupted run")
+    pending = []
+    for index, job, params, key, paths in planned:
+        finished, problem = _load_finished(paths, params, record_maps and job.qsilk is not None)
+        if finished is None:
+            if problem is not None:
+                say(console, f"redoing {paths.png}: {problem}")
+                paths.sidecar.unlink(missing_ok=True)  # not done until it is written again
+            pending.append((index, job, params, key, paths))
+            continue
+        stats = (finished.sidecar.get("stats") or {}).get("per_step", [])
+        results[index] = ImageResult(
+            job, paths.png, finished.sidecar, finished.image, True, finished.sidecar.get("seconds"), stats,
+            finished.maps,
+        )  # fmt: skip
+    if len(pending) < len(jobs):
+        say(console, f"{len(jobs) - len(pending)} of {len(jobs)} image(s) already done in {out}; reusing them")
 
     # Group by QSilk config so each patch is installed once; images do not depend on the order anyway.
     groups: dict[str, list] = {}
-    for item in planned:
-        groups.setdefault(json.dumps(item[1].qsilk, sort_keys=True), []).append(item)
+    for item in pending:
+        groups.setdefault(to_json(item[1].qsilk, sort_keys=True), []).append(item)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        disable=console is None,
-    )
-    with progress:
-        task = progress.add_task("images", total=len(jobs))
+    started = time.perf_counter()
+    with _Progress(console, len(pending), settings.steps) as progress:
+        if warmup and pending:
+            _, job, *_ = pending[0]
+            kwargs = _call_kwargs(pipe, settings, job, torch.Generator("cpu").manual_seed(job.seed), None)
+            _sample(pipe, kwargs, f"{job.condition.label} seed {job.seed} (warm-up)")
         for items in groups.values():
-            pending = []
-            for index, job, params, key, paths in items:
-                sidecar = _existing(paths, params, record_maps and job.qsilk is not None)
-                if sidecar is None:
-                    pending.append((index, job, params, key, paths))
-                    continue
-                maps = dict(np.load(paths.maps)) if paths.maps.is_file() else None
-                stats = (sidecar.get("stats") or {}).get("per_step", [])
-                results[index] = ImageResult(
-                    job, paths.png, sidecar, load_png(paths.png), True, sidecar.get("seconds"), stats, maps
-                )
-                if console is not None:
-                    progress.console.print(f"skip (done): {paths.png}")
-                progress.advance(task)
-            if not pending:
-                continue
-            with _qsilk_patch(pipe, pending[0][1].qsilk, record_maps, measure_plain) as handle:
-                for index, job, params, key, paths in pending:
+            with _qsilk_patch(pipe, items[0][1].qsilk, record_maps, measure_plain) as handle:
+                for index, job, params, key, paths in items:
                     what = f"{job.condition.label} seed {job.seed}" + (f" [{job.folder}]" if job.folder else "")
-
-                    def on_step(i: int, what: str = what) -> None:
-                        progress.update(task, description=f"{what}: step {i}/{settings.steps}")
-
                     if handle is not None:
                         handle.clear_stats()
                     generator = torch.Generator("cpu").manual_seed(job.seed)
+                    kwargs = _call_kwargs(pipe, settings, job, generator, lambda i, what=what: progress.step(what, i))
                     start = time.perf_counter()
-                    output = pipe(**_call_kwargs(pipe, settings, job, generator, on_step))
+                    output = _sample(pipe, kwargs, what)
                     seconds = time.perf_counter() - start
                     image = _to_uint8(output.images, what)
                     stats = [dict(s) for s in handle.stats] if handle is not None else []
                     maps = _maps_arrays(list(getattr(handle, "maps", None) or [])) if record_maps else None
                     results[index] = _write(job, params, key, paths, image, stats, maps, seconds, versions)
-                    progress.advance(task)
-        progress.update(task, description="images")
+                    progress.finished(what, seconds)
+    if pending:
+        elapsed = time.perf_counter() - started
+        say(console, f"{len(pending)} image(s) made in {elapsed:.1f} s ({elapsed / len(pending):.2f} s/image)")
     return [r for r in results if r is not None]
 
 
@@ -507,12 +699,12 @@ def _write(job, params, key, paths: _Paths, image, stats, maps, seconds, version
     }
     paths.png.parent.mkdir(parents=True, exist_ok=True)
     # The PNG holds no timings, so the same arguments give the same bytes.
-    atomic_write_bytes(paths.png, png_bytes(image, {PNG_KEY: json.dumps(record, sort_keys=True)}))
+    atomic_write_bytes(paths.png, png_bytes(image, {PNG_KEY: to_json(record, sort_keys=True)}))
     if maps:
         buf = io.BytesIO()
         np.savez_compressed(buf, **maps)
         atomic_write_bytes(paths.maps, buf.getvalue())
     sidecar = {**record, "file": paths.png.name, "seconds": round(seconds, 4), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     # The sidecar goes last: an image counts as done (and is skipped on resume) only once it exists.
-    atomic_write_text(paths.sidecar, json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(paths.sidecar, to_json(sidecar, indent=2, sort_keys=True) + "\n")
     return ImageResult(job, paths.png, sidecar, image, False, seconds, stats, maps)
