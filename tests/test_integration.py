@@ -83,8 +83,13 @@ def own_x0(scheduler, result, model_output, sample):
     name = type(scheduler).__name__
     if name in ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler"):
         return scheduler.model_outputs[-1]
-    if name == "FlowMatchEulerDiscreteScheduler":  # x0 = x - sigma v at the sigma it just stepped from
-        return sample.float() - scheduler.sigmas[scheduler.step_index - 1] * model_output.float()
+    if name == "FlowMatchEulerDiscreteScheduler":
+        # Independent of the adapter's x0 = x - sigma v: read x0 off the step diffusers just took. Its Euler step
+        # is x_next = x + (sigma_next - sigma) v, and the straight line through (sigma, x) and (sigma_next, x_next)
+        # reaches sigma = 0 at x0 = x - sigma (x_next - x) / (sigma_next - sigma).
+        prev = result[0] if isinstance(result, tuple) else result.prev_sample
+        sigma, sigma_next = scheduler.sigmas[scheduler.step_index - 1], scheduler.sigmas[scheduler.step_index]
+        return sample.double() - sigma.double() * (prev.double() - sample.double()) / (sigma_next - sigma).double()
     return None
 
 
@@ -486,3 +491,103 @@ def test_scheduler_table_entry_is_used_for_flow_configs():
     pipe.scheduler = make_scheduler("unipc", flow=True)
     with qsilk.enable(pipe) as handle:
         assert handle.adapter.family == "multistep"
+
+
+# -- issue 7: zero-SNR schedules, a replaced scheduler, Euler churn -----------------------------------------------------
+
+
+def zero_snr_pipeline(prediction_type):
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_sd_pipeline(prediction_type, "ddim")
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    return pipe
+
+
+def test_zero_terminal_snr_v_prediction_runs_with_qsilk():
+    pipe = zero_snr_pipeline("v_prediction")
+    plain = run(pipe, STEPS)
+    calls = install_recorder(pipe.scheduler)
+    with qsilk.enable(pipe, QSilkConfig.noop()):
+        assert torch.equal(run(pipe, STEPS), plain)
+    calls.clear()
+    with qsilk.enable(pipe) as handle:
+        spy = handle.stab = SpyQSilk(handle.config)
+        acted = run(pipe, STEPS)
+    assert bool(torch.isfinite(acted).all()) and not torch.equal(acted, plain)
+    assert check_parity(pipe, spy, calls, "out") == STEPS  # including the a = 0 step
+    stats = json.loads(json.dumps(handle.stats, allow_nan=False))  # standard JSON: sigma = inf is recorded as null
+    assert stats[0]["timestep"] == 999.0 and stats[0]["sigma"] is None and stats[1]["sigma"] > 0
+
+
+def test_zero_terminal_snr_epsilon_is_a_clear_error_at_the_first_step():
+    from qsilk.sampling import ZeroTerminalSNRError
+
+    pipe = zero_snr_pipeline("epsilon")
+    with qsilk.enable(pipe), pytest.raises(ZeroTerminalSNRError, match="timestep 999.*zero terminal SNR"):
+        run(pipe, STEPS)
+
+
+def test_replacing_pipe_scheduler_after_enable_moves_the_patch():
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    old = pipe.scheduler
+    reference = tiny_sd_pipeline(scheduler="ddim")
+    reference.scheduler = EulerDiscreteScheduler.from_config(old.config)
+    euler_plain = run(reference, STEPS)
+    with qsilk.enable(reference):
+        euler_qsilk = run(reference, STEPS)
+
+    handle = qsilk.enable(pipe)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(old.config)
+    out = run(pipe, STEPS)
+    assert torch.equal(out, euler_qsilk) and not torch.equal(out, euler_plain)
+    assert handle.installed and handle.scheduler is pipe.scheduler and len(handle.stats) == STEPS
+    assert "step" not in old.__dict__  # the old scheduler is restored exactly
+    qsilk.disable(pipe)
+    assert "step" not in pipe.scheduler.__dict__
+    assert torch.equal(run(pipe, STEPS), euler_plain)
+
+
+def test_replacing_pipe_scheduler_with_an_unsupported_one_raises_at_run_time():
+    from diffusers import LCMScheduler
+
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    handle = qsilk.enable(pipe)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(UnsupportedSchedulerError, match="replaced by LCMScheduler after qsilk.enable"):
+        run(pipe, STEPS)
+    handle.remove()
+    run(pipe, STEPS)  # without QSilk the pipeline runs
+
+
+def test_euler_churn_through_the_wrapper():
+    """A custom loop calling step(s_churn=...): QSilk sees the scheduler's own (churned) x0, a no-op config keeps
+    the run bit-identical (the noise is peeked with the RNG state restored), and the step uses QSilk's x0."""
+    pipe = tiny_sd_pipeline(scheduler="euler")
+    sched = pipe.scheduler
+
+    def loop(seed=0):
+        sched.set_timesteps(STEPS)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 4, 16, 16, generator=gen) * sched.init_noise_sigma
+        x[0, 1, 3, 3] = 40.0
+        for t in sched.timesteps:
+            out = 0.9 * torch.tanh(sched.scale_model_input(x, t))
+            x = sched.step(out, t, x, s_churn=2.0, generator=gen).prev_sample
+        return x
+
+    plain = loop()
+    calls = install_recorder(sched)
+    with qsilk.enable(pipe, QSilkConfig.noop()) as handle:
+        spy = handle.stab = SpyQSilk(handle.config)
+        assert torch.equal(loop(), plain)
+    assert check_parity(pipe, spy, calls, "in") == STEPS
+    calls.clear()
+    with qsilk.enable(pipe) as handle:
+        spy = handle.stab = SpyQSilk(handle.config)
+        acted = loop()
+    assert not torch.equal(acted, plain) and check_parity(pipe, spy, calls, "out") == STEPS
