@@ -598,20 +598,37 @@ def test_compare_page_timing_warmup_scales_and_colour_bar(demo_dir, tmp_path, mo
     assert summary["measured"] is None  # the FID sentence belongs to the shipped weights, not this tiny model
 
 
-def test_confidence_fallback_is_recorded_and_labelled():
+def test_confidence_fallback_is_recorded_and_labelled(demo_dir, tmp_path, monkeypatch):
     from qsilk.cli.compare import confidence_used
     from qsilk.cli.runs import ImageResult, summarize_stats
 
-    stats = [{"step": i, "touched_fraction": 0.0, "confidence_source": s} for i, s in
-             enumerate(["attention", "structure", "structure", "structure"])]  # fmt: skip
+    fallback = "structure (fallback: SDPA was bypassed)"
+    sources = ["attention", fallback, fallback, fallback]
+    stats = [{"step": i, "touched_fraction": 0.0, "confidence_source": s} for i, s in enumerate(sources)]
     summary = summarize_stats(stats)
-    assert summary["confidence_sources"] == {"attention": 1, "structure": 3}
-    assert [s["confidence_source"] for s in summary["per_step"]] == ["attention", "structure", "structure", "structure"]
+    assert summary["confidence_sources"] == {"attention": 1, fallback: 3}
+    assert [s["confidence_source"] for s in summary["per_step"]] == sources
     result = ImageResult(None, Path("x.png"), {"stats": summary}, np.zeros((1, 1, 3), np.uint8), False, 0.1)
-    assert confidence_used([result], "attention") == "attention -> structure (fallback, 75 % of steps)"
+    assert confidence_used([result], "attention") == (
+        "attention -> structure (fallback on 75 % of steps: SDPA was bypassed)"
+    )
     clean = ImageResult(None, Path("x.png"), {"stats": summarize_stats(stats[:1])}, result.image, False, 0.1)
     assert confidence_used([clean], "attention") == "attention"
     assert summarize_stats([{"step": 0}])["confidence_sources"] is None  # stats that do not say
+
+    # End to end: an attention probe that never yields a map (as when a fast backend bypasses SDPA) -> the PNG
+    # record counts the fallback steps and the compare labels say so.
+    from qsilk.attention.probe import AttentionEntropyProbe
+
+    monkeypatch.setattr(AttentionEntropyProbe, "confidence", lambda self, *a, **k: None)
+    out = tmp_path / "fb"
+    ok("compare", "--model", demo_dir, "-c", "1", "--seed", "0", "--steps", "2", "--device", "cpu",
+       "--confidence", "attention", "--out", out)  # fmt: skip
+    (png,) = sorted((out / "images" / "qsilk").glob("*.png"))
+    counts = read_png_record(png)["stats"]["confidence_sources"]
+    assert sum(counts.values()) == 2 and all(k.startswith("structure (fallback") for k in counts)
+    label = json.loads((out / "compare.json").read_text())["configs"][1]["confidence_used"]
+    assert label.startswith("attention -> structure (fallback on 100 % of steps")
 
 
 def test_measured_fid_sentence_comes_from_the_shipped_results():

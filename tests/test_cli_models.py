@@ -5,7 +5,9 @@ and hub ids passed through unchanged (loader monkeypatched: no network)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -286,3 +288,48 @@ def test_resolve_model_classifies_without_loading(spec, kind):
             resolve_model(spec)
     else:
         assert resolve_model(spec).kind == kind
+
+
+# ---------------------------------------------------------------------------------------------- hardening (issue 7)
+
+
+def test_legacy_ckpt_key_guessing_is_a_clear_message(sd, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": load_file(str(sd["file"]))}, ckpt, _use_new_zipfile_serialization=False)
+    result = cli("generate", "--model", ckpt, "--prompt", "x", "--steps", "2", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "legacy (non-zip) format" in result.stderr and "pass --pipeline-class" in result.stderr
+    assert "mmap" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _console_script(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process: library loggers write to the real stderr, as for a user."""
+    return subprocess.run(
+        [sys.executable, "-m", "qsilk.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_offline_hub_id_is_one_error_line_without_library_noise(tmp_path):
+    proc = _console_script("generate", "--model", "nobody/no-such-model-qsilk", "--prompt", "x",
+                           "--out", tmp_path / "o", env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot load model nobody/no-such-model-qsilk: ")
+    assert "not in the local Hugging Face cache" in lines[0] and "stacktrace" not in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_on_cpu_says_the_truth_once(tmp_path):
+    tiny_dit_pipeline().save_pretrained(tmp_path / "dit")
+    proc = _console_script("generate", "--model", tmp_path / "dit", "--class", "3", "--steps", "2", "--device", "cpu",
+                           "--dtype", "fp16", "--out", tmp_path / "o")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    fp16 = [line for line in lines if "fp16" in line or "float16" in line]
+    assert len(fp16) == 1 and fp16[0].startswith("warning: fp16 on CPU: it runs"), proc.stderr
+    assert read_png_record(only_png(tmp_path / "o"))["params"]["dtype"] == "fp16"

@@ -538,3 +538,9 @@ def _count_parameters(files: list[Path]) -> int:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     total += prod(f.get_slice(key).get_shape())
     return total
+
+
+# `qsilk study` lives in qsilk.study (its own parser; forwarded unchanged).
+from qsilk.study.cli import register as _register_study  # noqa: E402
+
+_register_study(app)

@@ -82,17 +82,20 @@ def _curves(results: list[ImageResult]) -> dict[str, list[float]]:
 
 def confidence_used(items: list[ImageResult], configured: str | None) -> str | None:
     """The confidence source the column really used: the configured one, or e.g. "attention -> structure
-    (fallback)" when the per-step stats say the attention probe fell back for some or all steps."""
+    (fallback on 75 % of steps: <reason>)" when the per-step stats (``confidence_source``, e.g.
+    "structure (fallback: <reason>)") say the attention probe gave no map for some or all steps."""
     counts: dict[str, int] = {}
     for r in items:
         for source, n in ((r.record.get("stats") or {}).get("confidence_sources") or {}).items():
             counts[source] = counts.get(source, 0) + int(n)
     if configured is None or not counts or set(counts) == {configured}:
         return configured
-    others = sorted(k for k in counts if k != configured)
-    total = sum(counts.values())
-    share = f"{100 * sum(counts[k] for k in others) / total:.0f} % of steps"
-    return f"{configured} -> {'/'.join(others)} (fallback, {share})"
+    others = [k for k in counts if k != configured]
+    bases = sorted({k.split(" (", 1)[0] for k in others})
+    reasons = sorted({k.split("(fallback: ", 1)[1].rstrip(")") for k in others if "(fallback: " in k})
+    share = 100 * sum(counts[k] for k in others) / sum(counts.values())
+    why = f": {reasons[0]}" if reasons else ""
+    return f"{configured} -> {'/'.join(bases)} (fallback on {share:.0f} % of steps{why})"
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
