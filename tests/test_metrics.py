@@ -313,3 +313,54 @@ def test_make_metrics_features_and_scores_compose():
             assert scores[key] == pytest.approx(value, rel=1e-12, abs=1e-15)
     with pytest.raises(ValueError, match="unknown metrics"):
         make_metrics(["sharpness"])
+
+
+# ------------------------------------------------------------------------------------------------ Inception
+def _torchmetrics_fid_kid(network, real, fake):
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from qsilk.eval.fid import make_fid
+
+    fid = make_fid(network)
+    # One subset of the whole set: torchmetrics' KID is then the all-pairs unbiased MMD^2, as ours.
+    kid = KernelInceptionDistance(feature=network, normalize=True, subsets=1, subset_size=len(real))
+    for m in (fid, kid):
+        m.update(real, real=True)
+        m.update(fake, real=False)
+    return float(fid.compute()), float(kid.compute()[0])
+
+
+def test_inception_metric_wiring_matches_torchmetrics_fast():
+    from qsilk.eval.metrics import InceptionFID
+
+    network = _Projection()
+    network.num_features = 8
+    real, fake = shapes(24, 12), gaussian_blur(shapes(24, 13), 1.0)
+    metric = InceptionFID(network)
+    metric.update(real, real=True)
+    metric.update(fake)
+    ours = metric.compute()
+    fid, kid = _torchmetrics_fid_kid(network, real, fake)
+    assert set(ours) == {"fid", "kid"}
+    assert ours["fid"] == pytest.approx(fid, rel=1e-4)
+    assert ours["kid"] == pytest.approx(kid, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_inception_fid_self_zero_and_parity_with_torchmetrics():
+    from qsilk.eval.fid import InceptionFeatures
+    from qsilk.eval.metrics import InceptionFID
+
+    network = InceptionFeatures()
+    real, fake = shapes(16, 14), gaussian_blur(shapes(16, 15), 1.5)
+    metric = InceptionFID(network)
+    metric.update(real, real=True)
+    metric.update(real)
+    assert abs(metric.compute()["fid"]) < 1e-3
+    metric.reset()
+    metric.update(fake)
+    ours = metric.compute()
+    fid, kid = _torchmetrics_fid_kid(network, real, fake)
+    assert ours["fid"] > 1.0
+    assert ours["fid"] == pytest.approx(fid, rel=1e-3)
+    assert ours["kid"] == pytest.approx(kid, rel=1e-3)
