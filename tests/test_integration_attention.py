@@ -341,6 +341,7 @@ def test_confidence_source_is_recorded_per_step():
             f"structure (fallback: {layers} of {layers} probed layers recorded nothing"
         ), source
         assert "no scaled_dot_product_attention call seen" in source
+        assert source.count("(") == 1 and source.endswith(")")  # one "(fallback: ...)", easy to parse
     json.loads(json.dumps(handle.stats, allow_nan=False))
 
 

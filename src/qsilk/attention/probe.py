@@ -328,7 +328,8 @@ class AttentionEntropyProbe:
             ]
             return self._fallback(
                 "missing",
-                f"{len(missing)} of {len(self.layers)} probed layers recorded nothing ({reasons[0]})",
+                # no parentheses inside: integrations wrap the reason in "structure (fallback: ...)"
+                f"{len(missing)} of {len(self.layers)} probed layers recorded nothing, e.g. {reasons[0]}",
                 f"AttentionEntropyProbe: {len(missing)} of {len(self.layers)} probed layers recorded nothing in "
                 f"this step ({'; '.join(reasons)}). The usual cause is an attention backend or processor that "
                 "bypasses torch.nn.functional.scaled_dot_product_attention (flash-attn, sage, xformers, "
