@@ -420,3 +420,28 @@ def test_tile_and_stride_must_be_integers_whatever_was_called_before():
             aqclip(x, tile=tile, stride=stride)
     with pytest.raises(ValueError, match="k_min"):
         aqclip(x, k_min=1.0, k_max=float("inf"))
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(2, 1, 7, 9), (1, 3, 16, 16), (1, 1, 5, 5)])
+def test_box_mean_equals_avg_pool_without_padding_counts(size, shape):
+    import torch.nn.functional as F
+
+    from qsilk.ops.confidence import box_mean
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(size))
+    ref = F.avg_pool2d(x, size, stride=1, padding=size // 2, count_include_pad=False)[..., : shape[2], : shape[3]]
+    torch.testing.assert_close(box_mean(x, size), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_bench_rows_and_raw_json(tmp_path):
+    import json
+
+    from qsilk.eval.bench import bench_ops, write_json
+
+    rows = bench_ops(torch.device("cpu"), repeats=1, shapes=((3, 1, 16, 16),))
+    assert rows[0]["shape"] == "3x1x16x16" and rows[0]["clamp_exact"] and rows[0]["qsilk_ms"] > 0
+    path = tmp_path / "results" / "bench.json"
+    write_json({"ops": rows}, str(path), ["--quick"])
+    record = json.loads(path.read_text())
+    assert record["ops"] == rows and record["command"].endswith("--quick") and not list(tmp_path.rglob("*.tmp"))

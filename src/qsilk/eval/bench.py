@@ -2,6 +2,7 @@
 
     python -m qsilk.eval.bench            # or: make bench
     python -m qsilk.eval.bench --quick    # skip the SD 1.5 UNet step (a few seconds)
+    python -m qsilk.eval.bench --threads 1 --json docs/results/bench.json   # the README's table, raw numbers
 
 Everything is measured side by side in one run on this machine; the printed ratios are what the README quotes.
 """
@@ -9,10 +10,15 @@ Everything is measured side by side in one run on this machine; the printed rati
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -24,6 +30,10 @@ SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1, 4, 128, 128),
     (4, 4, 128, 128),
     (1, 16, 128, 128),
+    # many small latents: per-call overheads dominate (QSilk computes the whole batch at once)
+    (16, 4, 16, 16),
+    (64, 4, 16, 16),
+    (100, 1, 32, 32),
 )
 
 
@@ -54,9 +64,11 @@ def median_time(
     return statistics.median(rounds)
 
 
-def bench_ops(device: torch.device, repeats: int = 5) -> list[dict]:
+def bench_ops(
+    device: torch.device, repeats: int = 5, shapes: tuple[tuple[int, int, int, int], ...] = SHAPES
+) -> list[dict]:
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
         x.view(-1)[::997] *= 8.0  # a few spikes
         exact = torch.equal(micro_clamp(x, mode="hard"), reference_micro_clamp(x))
@@ -169,8 +181,25 @@ def main(argv=None) -> None:
         result["probe"] = probe
         console.print(f"attention probe: {json.dumps(probe)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(result, args.json, sys.argv[1:] if argv is None else list(argv))
+        console.print(f"raw results written to {args.json}")
+
+
+def write_json(result: dict, path: str, argv: list[str]) -> None:
+    """Atomically write the raw results (plus how they were measured) as standard JSON."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": " ".join(["python -m qsilk.eval.bench", *argv]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        **result,
+    }
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, target)
 
 
 if __name__ == "__main__":
