@@ -364,3 +364,20 @@ def test_inception_fid_self_zero_and_parity_with_torchmetrics():
     assert ours["fid"] > 1.0
     assert ours["fid"] == pytest.approx(fid, rel=1e-3)
     assert ours["kid"] == pytest.approx(kid, rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [30, 300])  # fewer and more samples than dimensions
+def test_frechet_to_cached_reference_stats_equals_the_direct_route(n):
+    from qsilk.eval.metrics import ReferenceStats, frechet_distance_to
+
+    g = torch.Generator().manual_seed(8)
+    ref = torch.randn(500, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64)
+    gen = torch.randn(n, 64, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    stats = ReferenceStats(ref)
+    assert frechet_distance_to(stats, gen) == pytest.approx(frechet_distance(ref, gen), rel=1e-8)
+    assert frechet_distance_to(stats, ref) == pytest.approx(0.0, abs=1e-6 * stats.trace)
+    metric = FrechetMetric(_Projection())
+    first = metric.score(gen, ref)
+    cached = metric._stats[1]
+    assert metric.score(gen[: n // 2], ref)["fd"] == pytest.approx(frechet_distance(ref, gen[: n // 2]), rel=1e-8)
+    assert metric._stats[1] is cached and first["fd"] == pytest.approx(frechet_distance(ref, gen), rel=1e-8)

@@ -27,8 +27,10 @@ from .frechet import (
     ClassifierFD,
     FrechetMetric,
     InceptionFID,
+    ReferenceStats,
     frechet_distance,
     frechet_distance_gaussians,
+    frechet_distance_to,
     kid_unbiased,
 )
 from .saturation import Saturation, saturation_features, saturation_score
@@ -84,6 +86,8 @@ __all__ = [
     "ArtifactEnergy",
     "check_images",
     "frechet_distance",
+    "frechet_distance_to",
+    "ReferenceStats",
     "frechet_distance_gaussians",
     "kid_unbiased",
     "radial_log_spectrum",

@@ -15,6 +15,8 @@ from .base import FeatureMetric, check_images
 
 __all__ = [
     "frechet_distance",
+    "ReferenceStats",
+    "frechet_distance_to",
     "frechet_distance_gaussians",
     "kid_unbiased",
     "FrechetMetric",
@@ -36,6 +38,41 @@ def frechet_distance_gaussians(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Ten
     root1 = psd_sqrt(cov1)
     cross = psd_sqrt(root1 @ cov2 @ root1)
     return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * cross.trace())
+
+
+class ReferenceStats:
+    """Mean, trace and symmetric square root of a reference set's covariance, computed once, so that scoring
+    many resampled generated sets (paired bootstrap) costs a Gram matrix and a symmetric eigensolve each."""
+
+    def __init__(self, reference: Tensor) -> None:
+        ref = reference.double()
+        if ref.ndim != 2 or len(ref) < 2:
+            raise ValueError(f"need (N >= 2, D) reference features, got {tuple(ref.shape)}")
+        self.mu = ref.mean(0)
+        cov = torch.cov(ref.T)
+        vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+        self.cov_sqrt = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+        self.trace = float(cov.trace())
+        self.dim = ref.shape[1]
+
+
+def frechet_distance_to(stats: ReferenceStats, features: Tensor) -> float:
+    """Frechet distance of ``features`` (n, D) to a reference summarised by :class:`ReferenceStats`.
+
+    tr((S_r^1/2 S_g S_r^1/2)^1/2) = sum of the singular values of B = X_c S_r^1/2 / sqrt(n - 1) (X_c the centred
+    features), taken from the smaller of the Gram matrices B B^T (n x n) and B^T B (D x D)."""
+    x = features.double()
+    if x.ndim != 2 or x.shape[1] != stats.dim:
+        raise ValueError(f"need (N, {stats.dim}) features, got {tuple(x.shape)}")
+    if len(x) < 2:
+        raise ValueError("need at least 2 samples per set for a covariance")
+    mu = x.mean(0)
+    centred = x - mu
+    b = centred @ stats.cov_sqrt / (len(x) - 1) ** 0.5
+    gram = b @ b.T if len(x) <= stats.dim else b.T @ b
+    cross = torch.linalg.eigvalsh((gram + gram.T) / 2).clamp_min(0).sqrt().sum()
+    trace_g = centred.pow(2).sum() / (len(x) - 1)
+    return float((mu - stats.mu).pow(2).sum() + stats.trace + trace_g - 2 * cross)
 
 
 def kid_unbiased(real: Tensor, fake: Tensor, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> float:
@@ -74,6 +111,7 @@ class FrechetMetric(FeatureMetric):
         self._network = network if isinstance(network, nn.Module) else None
         self._factory = None if isinstance(network, nn.Module) else network
         self.fd_key, self.kid_key = fd_key, kid_key
+        self._stats: tuple[Tensor, ReferenceStats] | None = None
 
     @property
     def network(self) -> nn.Module:
@@ -91,8 +129,11 @@ class FrechetMetric(FeatureMetric):
     def score(self, features: Tensor, reference_features: Tensor | None = None) -> dict[str, float]:
         if reference_features is None:
             raise ValueError(f"{type(self).__name__}: the Frechet distance needs reference features")
+        # The reference's square root is cached per reference tensor: bootstrap calls score() with one reference.
+        if self._stats is None or self._stats[0] is not reference_features:
+            self._stats = (reference_features, ReferenceStats(reference_features))
         return {
-            self.fd_key: frechet_distance(reference_features, features),
+            self.fd_key: frechet_distance_to(self._stats[1], features),
             self.kid_key: kid_unbiased(reference_features, features),
         }
 
