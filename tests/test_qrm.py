@@ -320,3 +320,60 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     with pytest.raises(RuntimeError, match="already attached"), attach(pipe, qrm):
         attach(pipe, qrm)
     assert attached(pipe) is None
+
+
+def test_light_module_matches_a_per_head_loop():
+    """The batched light paths equal a plain per-head, per-chunk computation written out here."""
+    import torch.nn.functional as F
+
+    transformer = tiny_sd35_pipeline().transformer
+    qrm = randomise(QRM(QRMConfig.for_transformer(transformer, "light", xt_pool=2)), scale=0.1)
+    g = torch.Generator().manual_seed(0)
+    heads = qrm.config.heads
+    baselines = [torch.randn(3, h.width, generator=g) for h in heads]
+    t = torch.rand(3, generator=g)
+    cond = torch.randn(3, qrm.config.cond_dim, generator=g)
+    xt = torch.randn(3, qrm.config.xt_channels, 8, 8, generator=g)
+    deltas = qrm(t, cond, baselines, xt)
+
+    def basis(kind, role, dim):
+        return getattr(qrm, kind)[f"{role}_{dim}"].weight
+
+    tokens = []
+    for k, (h, m) in enumerate(zip(heads, baselines, strict=True)):
+        chunks = [F.layer_norm(m[:, j * h.dim : (j + 1) * h.dim], (h.dim,)) for j in range(len(h.roles))]
+        coeffs = torch.cat(
+            [c @ basis("basis_in", r, h.dim).T for c, r in zip(chunks, h.roles, strict=True)], 1
+        )
+        tokens.append(qrm.token_in[f"{'-'.join(h.roles)}_{h.dim}"](coeffs) + qrm.head_pos[k])
+    x = torch.cat([torch.stack(tokens, 1), qrm._context_tokens(t, cond, xt)], 1)
+    for block in qrm.blocks:
+        x = block(x)
+    x = qrm.norm_out(x[:, : len(heads)])
+    for k, h in enumerate(heads):
+        coeffs = qrm.coef_out[k](x[:, k])
+        parts = [
+            coeffs[:, j * qrm.config.rank : (j + 1) * qrm.config.rank] @ basis("basis_out", r, h.dim).T
+            for j, r in enumerate(h.roles)
+        ]
+        torch.testing.assert_close(deltas[k], torch.cat(parts, 1) + qrm.head_bias[k], rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_budget_on_the_demo_model_shape():
+    """The light configuration stays within 2 % of a DiT backbone of the demo model's shape."""
+    from diffusers import DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=3,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=32,
+    )
+    light = QRM(QRMConfig.for_transformer(transformer, "light"))
+    backbone = sum(p.numel() for p in transformer.parameters())
+    assert light.num_parameters() <= 0.02 * backbone

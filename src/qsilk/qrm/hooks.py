@@ -86,6 +86,7 @@ class QRMHandle:
         self._hooks.append(t.register_forward_pre_hook(self._on_call, with_kwargs=True))
         self._hooks.append(t.register_forward_hook(self._on_return))
         modules = dict(t.named_modules())
+        self._head_modules = [modules[h.name] for h in self.heads]
         if self.family in ("sd3", "flux"):
             self._hooks.append(t.time_text_embed.register_forward_hook(self._on_temb))
         elif self.family == "pixart":
@@ -229,9 +230,8 @@ class QRMHandle:
     def _on_temb(self, module, args, temb):
         if self._ctx is None:
             return None
-        modules = dict(self.transformer.named_modules())
         act = F.silu(temb)
-        baselines = [modules[h.name](act) for h in self.heads]
+        baselines = [module(act) for module in self._head_modules]
         pooled = self._ctx["bound"].get("pooled_projections")
         self._run_qrm(baselines, self._timestep_unit(self._ctx["timestep"]), pooled)
         return None
@@ -242,8 +242,7 @@ class QRMHandle:
         modulation = output[0]
         batch = modulation.shape[0]
         baselines = []
-        for head in self.heads:
-            block = self.transformer.get_submodule(head.name)
+        for block in self._head_modules:
             baselines.append(
                 (block.scale_shift_table[None] + modulation.reshape(batch, 6, -1)).reshape(batch, -1)
             )

@@ -143,21 +143,34 @@ class QRM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _groups(self) -> list[tuple[str, HeadSpec, list[int]]]:
+        """Heads grouped by layout (roles, dim), so the light paths run one batched op per group."""
+        if getattr(self, "_group_cache", None) is not None:
+            return self._group_cache
+        groups: dict[str, tuple[HeadSpec, list[int]]] = {}
+        for k, head in enumerate(self.config.heads):
+            groups.setdefault(_layout_key(head), (head, []))[1].append(k)
+        self._group_cache = [(key, head, idx) for key, (head, idx) in groups.items()]
+        return self._group_cache
+
     def _head_tokens(self, baselines: list[Tensor]) -> Tensor:
-        tokens = []
-        for k, (head, m) in enumerate(zip(self.config.heads, baselines, strict=True)):
-            m = m.float()
-            if self.config.kind == "light":
-                chunks = m.unflatten(1, (len(head.roles), head.dim))
+        batch = baselines[0].shape[0]
+        tokens = baselines[0].new_empty(batch, len(self.config.heads), self.config.width, dtype=torch.float32)
+        if self.config.kind == "light":
+            for key, head, idx in self._groups():
+                chunks = torch.stack([baselines[k].float() for k in idx], dim=1).unflatten(
+                    2, (len(head.roles), head.dim)
+                )
                 chunks = F.layer_norm(chunks, (head.dim,))
-                coeffs = [
-                    self.basis_in[_basis_key(r, head.dim)](chunks[:, j]) for j, r in enumerate(head.roles)
-                ]
-                token = self.token_in[_layout_key(head)](torch.cat(coeffs, dim=1))
-            else:
-                token = self.proj_in[k](F.layer_norm(m, (head.width,)))
-            tokens.append(token + self.head_pos[k])
-        return torch.stack(tokens, dim=1)
+                basis = torch.stack(
+                    [self.basis_in[_basis_key(r, head.dim)].weight for r in head.roles]
+                )  # n, r, d
+                coeffs = torch.einsum("bknd,nrd->bknr", chunks, basis).flatten(2)
+                tokens[:, idx] = self.token_in[key](coeffs)
+        else:
+            for k, (head, m) in enumerate(zip(self.config.heads, baselines, strict=True)):
+                tokens[:, k] = self.proj_in[k](F.layer_norm(m.float(), (head.width,)))
+        return tokens + self.head_pos
 
     def _context_tokens(self, timestep: Tensor, cond: Tensor | None, xt: Tensor | None) -> Tensor:
         ctx = [self.time_embed(timestep_features(timestep, self.config.time_freqs))[:, None]]
@@ -189,14 +202,23 @@ class QRM(nn.Module):
             for block in self.blocks:
                 x = block(x, ctx)
             x = self.norm_out(x)
-        deltas = []
-        for k, head in enumerate(self.config.heads):
-            if self.config.kind == "light":
-                coeffs = self.coef_out[k](x[:, k]).unflatten(1, (len(head.roles), self.config.rank))
-                parts = [
-                    self.basis_out[_basis_key(r, head.dim)](coeffs[:, j]) for j, r in enumerate(head.roles)
-                ]
-                deltas.append(torch.cat(parts, dim=1) + self.head_bias[k])
-            else:
-                deltas.append(self.proj_out[k](x[:, k]))
+        deltas: list[Tensor] = [None] * len(self.config.heads)  # type: ignore[list-item]
+        if self.config.kind == "light":
+            rank = self.config.rank
+            for _, head, idx in self._groups():
+                w = torch.stack([self.coef_out[k].weight for k in idx])  # K, n*r, W
+                b = torch.stack([self.coef_out[k].bias for k in idx])
+                coeffs = (torch.einsum("bkw,kow->bko", x[:, idx], w) + b).unflatten(
+                    2, (len(head.roles), rank)
+                )
+                basis = torch.stack(
+                    [self.basis_out[_basis_key(r, head.dim)].weight for r in head.roles]
+                )  # n, d, r
+                out = torch.einsum("bknr,ndr->bknd", coeffs, basis).flatten(2)
+                out = out + torch.stack([self.head_bias[k] for k in idx])
+                for j, k in enumerate(idx):
+                    deltas[k] = out[:, j]
+        else:
+            for k in range(len(self.config.heads)):
+                deltas[k] = self.proj_out[k](x[:, k])
         return deltas

@@ -1,0 +1,116 @@
+"""Per-step cost of QRM, measured side by side: one transformer call (CFG batch) without and with a QRM attached.
+
+    python -m qsilk.qrm.bench --model demo --repeats 30
+    python -m qsilk.qrm.bench --model dit-xl --repeats 5     # DiT-XL/2 256 px config, random weights (2.7 GB)
+
+Calls alternate (plain, light, faithful, plain, ...) so machine load affects all alike; medians are reported.
+Prints parameters (absolute and % of the backbone) and overhead (% of a plain denoiser step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .config import QRMConfig
+from .hooks import attach, detach
+from .module import QRM
+
+DIT_XL = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+)
+
+
+def build(model: str):
+    if model == "demo":
+        from qsilk.models.demo import load_demo_pipeline
+
+        transformer = load_demo_pipeline().transformer
+        null = int(transformer.config.num_embeds_ada_norm)
+    elif model == "dit-xl":
+        from diffusers import DiTTransformer2DModel
+
+        torch.manual_seed(0)
+        transformer = DiTTransformer2DModel(**DIT_XL).eval()
+        null = 1000
+    else:
+        raise ValueError(f"unknown model {model!r}: demo or dit-xl")
+    return transformer.eval().requires_grad_(False), null
+
+
+def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful")) -> dict:
+    transformer, null = build(model)
+    size = transformer.config.sample_size
+    x = torch.randn(2 * batch, transformer.config.in_channels, size, size)
+    labels = torch.tensor([1] * batch + [null] * batch)
+    t = torch.full((2 * batch,), 500)
+    qrms = {}
+    for kind in kinds:
+        qrm = QRM(QRMConfig.for_transformer(transformer, kind)).eval()
+        with torch.no_grad():  # non-zero output so every add really happens
+            for p in qrm.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        qrms[kind] = qrm
+    times: dict[str, list[float]] = {"plain": [], **{k: [] for k in kinds}}
+
+    def call() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            transformer(x, timestep=t, class_labels=labels)
+        return time.perf_counter() - start
+
+    call()  # warm-up
+    for _ in range(repeats):
+        times["plain"].append(call())
+        for kind, qrm in qrms.items():
+            attach(transformer, qrm)
+            times[kind].append(call())
+            detach(transformer)
+    backbone = sum(p.numel() for p in transformer.parameters())
+    plain = statistics.median(times["plain"])
+    result = {
+        "model": model,
+        "backbone_params": backbone,
+        "cfg_batch": 2 * batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "plain_step_ms": plain * 1e3,
+    }
+    for kind, qrm in qrms.items():
+        med = statistics.median(times[kind])
+        params = qrm.num_parameters()
+        result[kind] = {
+            "params": params,
+            "params_percent": 100 * params / backbone,
+            "step_ms": med * 1e3,
+            "overhead_ms": (med - plain) * 1e3,
+            "overhead_percent": 100 * (med - plain) / plain,
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qsilk.qrm.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo", choices=["demo", "dit-xl"])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kinds", nargs="+", default=["light", "faithful"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(json.dumps(bench(args.model, args.repeats, kinds=args.kinds), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

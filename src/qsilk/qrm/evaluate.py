@@ -1,0 +1,247 @@
+"""Paired same-seed evaluation of a QRM on the demo model, judged by models QRM never saw in training.
+
+    python -m qsilk.qrm.evaluate sample  --out runs/qrm/eval --arm base --n 1000
+    python -m qsilk.qrm.evaluate sample  --out runs/qrm/eval --arm light --qrm runs/qrm/light/qrm --n 1000
+    python -m qsilk.qrm.evaluate reference --out runs/qrm/eval --n-ref 2000
+    python -m qsilk.qrm.evaluate report  --out runs/qrm/eval --arms base light
+
+Image i uses seed ``seed_start + i`` (default 1,000,000: the trainer draws its noise from one generator seeded with
+its own seed, never from these per-image seeds) and class ``i mod 10``; both arms get the same initial noise.
+Images are stored as uint8 chunks (resumable, atomic). ``report`` scores each arm with the held-out judge
+(``qsilk.eval.classifier``: accuracy and log p(requested class)), Inception FID and the in-domain Frechet distance
+(against the first ``n_ref`` Fashion-MNIST test images), and gives each arm-minus-base difference with a 95 %
+paired bootstrap CI over seeds (the same resampled seeds for both arms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .io import atomic_save_tensors, atomic_write_bytes
+
+CHUNK = 50
+
+
+def _chunk_path(out: Path, arm: str, index: int) -> Path:
+    return out / arm / f"images_{index:05d}.safetensors"
+
+
+def sample_arm(
+    out: Path, arm: str, qrm_path: str | None, n: int, seed_start: int, steps: int, cfg: float, model=None
+) -> None:
+    from qsilk.models.demo import load_demo_pipeline
+
+    from .hooks import attach
+    from .io import load_qrm
+
+    pipe = load_demo_pipeline(path=model)
+    pipe.set_progress_bar_config(disable=True)
+    if qrm_path:
+        attach(pipe, load_qrm(qrm_path, pipe.transformer))
+    (out / arm).mkdir(parents=True, exist_ok=True)
+    record = {"arm": arm, "qrm": qrm_path, "n": n, "seed_start": seed_start, "steps": steps, "cfg": cfg}
+    atomic_write_bytes(out / arm / "arm.json", json.dumps(record, indent=2).encode())
+    t0 = time.time()
+    for c in range(math.ceil(n / CHUNK)):
+        path = _chunk_path(out, arm, c)
+        if path.exists():
+            continue
+        idx = list(range(c * CHUNK, min((c + 1) * CHUNK, n)))
+        gens = [torch.Generator().manual_seed(seed_start + i) for i in idx]
+        labels = [i % 10 for i in idx]
+        images = pipe(
+            labels, num_inference_steps=steps, guidance_scale=cfg, generator=gens, output_type="pt"
+        ).images
+        grey = (images[:, :1] * 255).round().to(torch.uint8)
+        atomic_save_tensors(
+            {
+                "images": grey,
+                "labels": torch.tensor(labels),
+                "seeds": torch.tensor([seed_start + i for i in idx]),
+            },
+            path,
+        )
+        print(f"{arm}: {idx[-1] + 1}/{n} images, {time.time() - t0:.0f} s", flush=True)
+
+
+def load_arm(out: Path, arm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = sorted((out / arm).glob("images_*.safetensors"))
+    if not chunks:
+        raise FileNotFoundError(f"no images for arm {arm!r} in {out}")
+    parts = [load_file(str(p)) for p in chunks]
+    return torch.cat([p["images"] for p in parts]), torch.cat([p["labels"] for p in parts])
+
+
+def _as_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div(255.0).repeat(1, 3, 1, 1)
+
+
+def arm_features(out: Path, arm: str, batch: int = 100) -> dict[str, torch.Tensor]:
+    """Judge log-probs/correctness, Inception and in-domain features per image (cached in the arm folder)."""
+    cache = out / arm / "features.safetensors"
+    images, labels = load_arm(out, arm)
+    if cache.exists():
+        feats = load_file(str(cache))
+        if len(feats["labels"]) == len(labels):
+            return feats
+    from qsilk.eval.classifier import load_fmnist_classifier
+    from qsilk.eval.metrics import ClassifierFD, InceptionFID
+
+    judge = load_fmnist_classifier()
+    inception, fmnist = InceptionFID(), ClassifierFD(network=judge)
+    logp, incep, fm = [], [], []
+    for i in range(0, len(images), batch):
+        x = _as_float(images[i : i + batch])
+        with torch.no_grad():
+            lp = torch.log_softmax(judge(x).float(), dim=1)
+        logp.append(lp)
+        incep.append(inception.features(x))
+        fm.append(fmnist.features(x))
+    logp_all = torch.cat(logp)
+    feats = {
+        "labels": labels,
+        "judge_logp": logp_all.gather(1, labels.long()[:, None]).squeeze(1).double(),
+        "judge_correct": (logp_all.argmax(1) == labels).double(),
+        "inception": torch.cat(incep),
+        "fmnist": torch.cat(fm),
+    }
+    atomic_save_tensors(feats, cache)
+    return feats
+
+
+def reference_features(out: Path, n_ref: int, batch: int = 100) -> dict[str, torch.Tensor]:
+    cache = out / f"reference_{n_ref}.safetensors"
+    if cache.exists():
+        return load_file(str(cache))
+    from qsilk.eval.classifier import load_fmnist_classifier
+    from qsilk.eval.metrics import ClassifierFD, InceptionFID
+    from qsilk.models.demo.data import load_fashion_mnist, to_model_images
+
+    images, _ = load_fashion_mnist("test")
+    images = images[:n_ref]
+    inception, fmnist = InceptionFID(), ClassifierFD(network=load_fmnist_classifier())
+    incep, fm = [], []
+    for i in range(0, len(images), batch):
+        x = ((to_model_images(images[i : i + batch]) + 1) / 2).clamp(0, 1)
+        x = (x * 255).round() / 255  # the same uint8 quantisation as the generated images
+        x = x.repeat(1, 3, 1, 1)
+        incep.append(inception.features(x))
+        fm.append(fmnist.features(x))
+        print(f"reference: {min(i + batch, len(images))}/{len(images)}", flush=True)
+    feats = {"inception": torch.cat(incep), "fmnist": torch.cat(fm)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(feats, cache)
+    return feats
+
+
+class FrechetToReference:
+    """Frechet distance of sample feature sets to one fixed reference, fast enough to bootstrap: with n < D the
+    trace term uses the eigenvalues of the n x n Gram matrix of the centred, reference-whitened features."""
+
+    def __init__(self, reference: torch.Tensor):
+        ref = reference.double()
+        self.mu = ref.mean(0)
+        cov = torch.cov(ref.T)
+        vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
+        self.root = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+        self.trace = float(cov.trace())
+
+    def __call__(self, features: torch.Tensor) -> float:
+        x = features.double()
+        n = len(x)
+        centred = x - x.mean(0)
+        y = centred @ self.root
+        gram = (y @ y.T) / (n - 1)
+        cross = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum()
+        trace = float(centred.pow(2).sum() / (n - 1))
+        return float((x.mean(0) - self.mu).pow(2).sum() + self.trace + trace - 2 * cross)
+
+
+def paired_bootstrap(stat, base: dict, arm: dict, n: int, reps: int, seed: int = 0) -> dict:
+    """stat(features_dict, index) -> float. Returns base, arm, diff and the 95 % percentile CI of the diff."""
+    g = torch.Generator().manual_seed(seed)
+    full = torch.arange(n)
+    b, a = stat(base, full), stat(arm, full)
+    diffs = []
+    for _ in range(reps):
+        idx = torch.randint(0, n, (n,), generator=g)
+        diffs.append(stat(arm, idx) - stat(base, idx))
+    diffs_t = torch.tensor(diffs)
+    lo, hi = torch.quantile(diffs_t, torch.tensor([0.025, 0.975], dtype=diffs_t.dtype)).tolist()
+    return {
+        "base": b,
+        "arm": a,
+        "diff": a - b,
+        "ci95": [lo, hi],
+        "excludes_zero": bool(lo > 0 or hi < 0),
+        "reps": reps,
+    }
+
+
+def report(out: Path, arms: list[str], n_ref: int, reps: int, reps_frechet: int) -> dict:
+    ref = reference_features(out, n_ref)
+    base_name, others = arms[0], arms[1:]
+    base = arm_features(out, base_name)
+    fid = FrechetToReference(ref["inception"])
+    fd = FrechetToReference(ref["fmnist"])
+    result = {"n": len(base["labels"]), "n_ref": n_ref, "base_arm": base_name, "arms": {}}
+    for name in others:
+        arm = arm_features(out, name)
+        if not torch.equal(arm["labels"], base["labels"]):
+            raise ValueError(f"arms {base_name} and {name} do not hold the same seeds/classes")
+        n = len(base["labels"])
+        result["arms"][name] = {
+            "judge_accuracy": paired_bootstrap(
+                lambda f, i: float(f["judge_correct"][i].mean()), base, arm, n, reps
+            ),
+            "judge_logp": paired_bootstrap(lambda f, i: float(f["judge_logp"][i].mean()), base, arm, n, reps),
+            "fid_inception": paired_bootstrap(
+                lambda f, i: fid(f["inception"][i]), base, arm, n, reps_frechet
+            ),
+            "fd_fmnist": paired_bootstrap(lambda f, i: fd(f["fmnist"][i]), base, arm, n, reps_frechet),
+        }
+    atomic_write_bytes(out / "report.json", json.dumps(result, indent=2).encode())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m qsilk.qrm.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("stage", choices=["sample", "reference", "report"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--arm", default="base")
+    parser.add_argument("--arms", nargs="+", default=["base", "light"])
+    parser.add_argument("--qrm", default=None, help="QRM checkpoint (omit for the base arm)")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--n-ref", type=int, default=2000)
+    parser.add_argument("--seed-start", type=int, default=1_000_000)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--reps", type=int, default=2000)
+    parser.add_argument("--reps-frechet", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.stage == "sample":
+        sample_arm(out, args.arm, args.qrm, args.n, args.seed_start, args.steps, args.cfg, args.model)
+    elif args.stage == "reference":
+        reference_features(out, args.n_ref)
+    else:
+        print(json.dumps(report(out, args.arms, args.n_ref, args.reps, args.reps_frechet), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())
