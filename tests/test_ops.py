@@ -445,3 +445,17 @@ def test_bench_rows_and_raw_json(tmp_path):
     write_json({"ops": rows}, str(path), ["--quick"])
     record = json.loads(path.read_text())
     assert record["ops"] == rows and record["command"].endswith("--quick") and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_non_finite_check_fast_path_and_overflowing_sums():
+    big = torch.full((1, 4, 8, 8), 3e38)  # the sum overflows, every value is finite
+    assert torch.equal(micro_clamp(big), big) and torch.equal(aqclip(big), big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[0, 2, 3, 3] = bad
+        with pytest.raises(ValueError, match="1 non-finite"):
+            micro_clamp(x)
+    x = gaussian(1, 4, 8, 8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = float("inf"), -float("inf")  # the sum is NaN, not +-inf
+    with pytest.raises(ValueError, match="2 non-finite"):
+        aqclip(x)
