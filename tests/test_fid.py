@@ -153,9 +153,20 @@ def test_cached_features_resume_after_interruption(tmp_path):
         cached_features(tmp_path, 10, 4, images_for, feats, "t")
     assert calls == [(0, 4), (4, 4), (8, 2)]
     assert not list(tmp_path.glob(".*"))  # no half-written chunk left behind
-    out = cached_features(tmp_path, 10, 4, images_for, feats, "t")
+    timing = {}
+    out = cached_features(tmp_path, 10, 4, images_for, feats, "t", timing=timing)
     assert calls[3:] == [(8, 2)]  # only the missing chunk was recomputed
     assert out.shape == (10, 2) and out[:, 0].tolist() == [0.0] * 4 + [4.0] * 4 + [8.0] * 2
+    # Compute time is summed across the two runs from what each chunk recorded, not the resumed run's wall time.
+    from safetensors import safe_open
+
+    recorded = 0.0
+    for chunk in sorted(tmp_path.glob("*.safetensors")):
+        with safe_open(str(chunk), framework="pt") as f:
+            recorded += float(f.metadata()["seconds"])
+    assert timing["chunks_cached"] == 2 and timing["chunks_computed"] == 1 and timing["chunks_untimed"] == 0
+    assert timing["seconds"] == pytest.approx(recorded, abs=2e-3)
+    assert 0 < timing["seconds_this_run"] <= timing["seconds"]
 
 
 def test_demo_fid_table_end_to_end_and_resume(tmp_path, monkeypatch, fake_dataset, capsys):
@@ -194,8 +205,26 @@ def test_demo_fid_table_end_to_end_and_resume(tmp_path, monkeypatch, fake_datase
     assert table.count("| sampled (dpm) | 2 | 3 |") == 2
     computed = sum(seen)
     assert computed == 16 + 4 * 12
+    first = {k: (r["seconds"], r["resumed"]) for k, r in results.items()}
+    assert all(seconds > 0 and not resumed for seconds, resumed in first.values())
     demo_fid.main(argv)  # everything is cached: no image is featurised again
     assert sum(seen) == computed
+    again = json.loads((tmp_path / "results.json").read_text())
+    for key, (seconds, _) in first.items():  # a resumed cell keeps its real compute time and says it was resumed
+        assert again[key]["resumed"] and again[key]["seconds"] == pytest.approx(seconds, abs=0.01)
+    # The cache is keyed by contents: the same config file name with other values is computed afresh.
+    config = tmp_path / "mine.json"
+    config.write_text('{"clamp_quantile": 0.01}')
+    cell = ["--n", "12", "--ref-n", "16", "--steps", "2", "--cfg", "3", "--chunk", "6", "--out", str(tmp_path)]
+    demo_fid.main([*cell, "--qsilk", str(config)])
+    before = sum(seen)
+    config.write_text('{"clamp_quantile": 0.2, "aqclip_k_min": 0.5, "aqclip_k_max": 1.0}')
+    demo_fid.main([*cell, "--qsilk", str(config)])
+    assert sum(seen) == before + 12  # new features, not the stale ones of the old contents
+    changed = json.loads((tmp_path / "results.json").read_text())["steps=2 cfg=3 qsilk=mine n=12"]
+    assert changed["qsilk_config"]["clamp_quantile"] == 0.2 and not changed["resumed"]
+    results = {k: v for k, v in json.loads((tmp_path / "results.json").read_text()).items() if "mine" not in k}
+    (tmp_path / "results.json").write_text(json.dumps(results))
     capsys.readouterr()
     demo_fid.main(["--table", "--out", str(tmp_path)])
     assert capsys.readouterr().out.strip() == demo_fid.markdown_table(results)
