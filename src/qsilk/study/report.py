@@ -1,0 +1,292 @@
+"""Results of a study folder: results.json / results.csv (every number), timings.json, and report/index.html
+(metric deltas vs steps per CFG with CI bands, spectra and an image grid of the worst corner, tables)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .bootstrap import paired_interval
+from .methods import BASELINE
+
+if TYPE_CHECKING:
+    from .runner import Study
+
+# The keys a reader looks at first (others are still in the JSON/CSV and get plots too).
+HEADLINE = ("fid", "kid", "fd_fmnist", "spectral_hf_gap", "spectral_rms_hf", "saturation", "peak")
+
+
+def _json_number(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def collect(study: Study) -> dict[str, Any]:
+    """Every number of a study, deterministic (sorted, no timings)."""
+    spec = study.spec
+    cells, comparisons, incomplete = [], [], []
+    points: dict[Any, tuple[dict, dict]] = {}
+    for cell in spec.cells():
+        if not (study.cell_complete(cell) and study.bootstrap_path(cell).exists()):
+            incomplete.append(cell.key)
+            continue
+        points[cell] = study.load_bootstrap(cell)
+    for cell, (point, _) in points.items():
+        cells.append(
+            {
+                "key": cell.key,
+                "scheduler": cell.scheduler,
+                "steps": cell.steps,
+                "cfg": cell.cfg,
+                "method": cell.method,
+                "n": spec.n,
+                "record": study.cell_record(cell),
+                "scores": {k: _json_number(v) for k, v in sorted(point.items())},
+            }
+        )
+        if cell.method == BASELINE or cell.baseline() not in points:
+            continue
+        base_point, base_reps = points[cell.baseline()]
+        reps = points[cell][1]
+        for key in sorted(point):
+            lo, hi = paired_interval(reps[key], base_reps[key], spec.ci)
+            delta = point[key] - base_point[key]
+            metric, _, score_key = key.partition(".")
+            comparisons.append(
+                {
+                    "scheduler": cell.scheduler,
+                    "steps": cell.steps,
+                    "cfg": cell.cfg,
+                    "method": cell.method,
+                    "baseline": BASELINE,
+                    "metric": metric,
+                    "key": score_key,
+                    "value": _json_number(point[key]),
+                    "baseline_value": _json_number(base_point[key]),
+                    "delta": _json_number(delta),
+                    "ci_low": _json_number(lo),
+                    "ci_high": _json_number(hi),
+                    "relative": _json_number(delta / base_point[key]) if base_point[key] else None,
+                    "excludes_zero": bool(lo > 0 or hi < 0),
+                }
+            )
+    study_info = {k: v for k, v in spec.to_dict().items() if k != "threads"}
+    return {
+        "study": study_info,
+        "n": spec.n,
+        "ci": spec.ci,
+        "bootstrap": spec.bootstrap,
+        "cells": cells,
+        "comparisons": comparisons,
+        "incomplete": incomplete,
+    }
+
+
+def write_outputs(study: Study, report: bool = True) -> dict[str, Any]:
+    from .runner import atomic_write_text
+
+    results = collect(study)
+    out = study.out
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(out / "results.csv", to_csv(results))
+    timings = {}
+    for cell in study.spec.cells():
+        if study.cell_complete(cell):
+            timings[cell.key] = study.cell_seconds(cell) / study.spec.n
+    atomic_write_text(out / "timings.json", json.dumps({"seconds_per_image": timings}, indent=1, sort_keys=True) + "\n")
+    if report:
+        write_report(study, results, timings)
+    return results
+
+
+def to_csv(results: dict[str, Any]) -> str:
+    fields = ["scheduler", "steps", "cfg", "method", "metric", "key", "value", "baseline_value", "delta",
+              "ci_low", "ci_high", "relative", "excludes_zero"]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for cell in results["cells"]:
+        if cell["method"] == BASELINE:
+            for key, value in cell["scores"].items():
+                metric, _, score_key = key.partition(".")
+                writer.writerow({"scheduler": cell["scheduler"], "steps": cell["steps"], "cfg": cell["cfg"],
+                                 "method": BASELINE, "metric": metric, "key": score_key, "value": value})  # fmt: skip
+    for row in results["comparisons"]:
+        writer.writerow({k: row[k] for k in fields})
+    return buffer.getvalue()
+
+
+# -- the HTML report --------------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def _savefig(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
+
+
+def _plotted(key: str) -> bool:
+    """Headline keys and every Frechet/KID key get a plot; the rest are in results.json / .csv."""
+    return key in HEADLINE or key.startswith(("fd", "kid", "fid", "harmonic", "halo"))
+
+
+def _delta_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["comparisons"]
+    keys = sorted(
+        {(r["metric"], r["key"]) for r in rows if _plotted(r["key"])},
+        key=lambda mk: (mk[1] not in HEADLINE, HEADLINE.index(mk[1]) if mk[1] in HEADLINE else 0, mk),
+    )
+    out = []
+    for scheduler in sorted({r["scheduler"] for r in rows}):
+        cfgs = sorted({r["cfg"] for r in rows if r["scheduler"] == scheduler})
+        for metric, key in keys:
+            sel = [r for r in rows if r["scheduler"] == scheduler and (r["metric"], r["key"]) == (metric, key)]
+            if not sel:
+                continue
+            fig, axes = plt.subplots(1, len(cfgs), figsize=(3.6 * len(cfgs), 3.0), squeeze=False, sharey=True)
+            for ax, cfg in zip(axes[0], cfgs, strict=True):
+                for method in sorted({r["method"] for r in sel}):
+                    pts = sorted((r["steps"], r["delta"], r["ci_low"], r["ci_high"]) for r in sel if r["cfg"] == cfg and r["method"] == method)
+                    pts = [p for p in pts if None not in p]
+                    if not pts:
+                        continue
+                    steps, delta, lo, hi = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
+                    (line,) = ax.plot(steps, delta, marker="o", ms=3, label=method)
+                    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+                ax.axhline(0, color="k", lw=0.8)
+                ax.set_xscale("log", base=2)
+                ax.set_title(f"CFG {cfg:g}", fontsize=9)
+                ax.set_xlabel("steps")
+            axes[0][0].set_ylabel(f"delta {key} vs CFG")
+            axes[0][-1].legend(fontsize=6, loc="best")
+            fig.suptitle(f"{metric}.{key} ({scheduler}), {results['ci']:.0%} paired-bootstrap CI", fontsize=10)
+            name = f"delta-{scheduler}-{metric}-{key}.png".replace("/", "_")
+            _savefig(fig, folder / name)
+            plt.close(fig)
+            out.append((f"{metric}.{key} ({scheduler})", name))
+    return out
+
+
+def worst_corner(results: dict) -> tuple[str, int, float] | None:
+    groups = {(c["scheduler"], c["steps"], c["cfg"]) for c in results["cells"]}
+    if not groups:
+        return None
+    return min(groups, key=lambda g: (g[0], g[1], -g[2]))
+
+
+def _corner_figures(study: Study, results: dict, folder: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    corner = worst_corner(results)
+    if corner is None:
+        return []
+    cells = [c for c in study.spec.cells() if c.group == corner and c.key in {x["key"] for x in results["cells"]}]
+    out = []
+    tiles = []
+    per_row = min(8, study.spec.n)
+    for cell in cells:
+        images = study.load_cell(cell, "images")["images"][:per_row]
+        row = np.concatenate([img.permute(1, 2, 0).numpy() for img in images], axis=1)
+        tiles.append(row if row.shape[-1] == 3 else np.repeat(row[..., :1], 3, axis=-1))
+    grid = np.concatenate(tiles, axis=0)
+    scale = 2
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(folder / "corner-grid.png")
+    labels = " / ".join(c.method for c in cells)
+    out.append((f"worst corner {corner[0]}, {corner[1]} steps, CFG {corner[2]:g}; rows: {labels}", "corner-grid.png"))
+    if "spectral" in study.spec.metrics:
+        reference = study.load_reference()["spectral"].mean(0).numpy()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        freqs = (np.arange(len(reference)) + 0.5) / (2 * len(reference))
+        for cell in cells:
+            spectrum = study.load_cell(cell)["spectral"].mean(0).numpy()
+            ax.plot(freqs[1:], (spectrum - reference)[1:], label=cell.method)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("frequency (cycles/px)")
+        ax.set_ylabel("log10 power - reference")
+        ax.legend(fontsize=6)
+        ax.set_title(f"radial spectrum vs reference, {corner[1]} steps, CFG {corner[2]:g}", fontsize=9)
+        _savefig(fig, folder / "corner-spectra.png")
+        plt.close(fig)
+        out.append(("spectra at the worst corner", "corner-spectra.png"))
+    return out
+
+
+def _table(results: dict) -> str:
+    rows = [r for r in results["comparisons"] if r["key"] in HEADLINE]
+    keys = [k for k in HEADLINE if any(r["key"] == k for r in rows)]
+    if not rows:
+        return "<p>No comparisons yet.</p>"
+    lines = ["<table><tr><th>scheduler</th><th>steps</th><th>CFG</th><th>method</th>"
+             + "".join(f"<th>&Delta; {html.escape(k)}</th>" for k in keys) + "</tr>"]  # fmt: skip
+    base = {(c["scheduler"], c["steps"], c["cfg"]): c["scores"] for c in results["cells"] if c["method"] == BASELINE}
+    by_cell: dict[tuple, dict] = {}
+    for r in rows:
+        by_cell.setdefault((r["scheduler"], r["steps"], r["cfg"], r["method"]), {})[r["key"]] = r
+    for (scheduler, steps, cfg, method), vals in sorted(by_cell.items()):
+        cells = []
+        for k in keys:
+            r = vals.get(k)
+            if r is None:
+                cells.append("<td></td>")
+                continue
+            mark = " class='sig'" if r["excludes_zero"] else ""
+            cells.append(f"<td{mark}>{_fmt(r['delta'])} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]</td>")
+        lines.append(f"<tr><td>{scheduler}</td><td>{steps}</td><td>{cfg:g}</td><td>{html.escape(method)}</td>{''.join(cells)}</tr>")
+    lines.append("</table>")
+    baseline_lines = ["<table><tr><th>scheduler</th><th>steps</th><th>CFG</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"]
+    for (scheduler, steps, cfg), scores in sorted(base.items()):
+        vals = {k.partition(".")[2]: v for k, v in scores.items()}
+        baseline_lines.append(f"<tr><td>{scheduler}</td><td>{steps}</td><td>{cfg:g}</td>" + "".join(f"<td>{_fmt(vals.get(k))}</td>" for k in keys) + "</tr>")
+    baseline_lines.append("</table>")
+    return "<h2>Plain CFG (the baseline)</h2>" + "\n".join(baseline_lines) + "<h2>Differences to plain CFG</h2>" + "\n".join(lines)
+
+
+def write_report(study: Study, results: dict, timings: dict[str, float]) -> Path:
+    from .runner import atomic_write_text
+
+    folder = study.out / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = _delta_plots(results, folder) + _corner_figures(study, results, folder)
+    spec = results["study"]
+    head = (
+        f"<p>n = {results['n']} paired samples per cell (seeds {spec['seed_base']}..{spec['seed_base'] + results['n'] - 1}, "
+        f"class = index mod 10), reference: {spec['ref_n']} {html.escape(spec['ref_split'])} images; "
+        f"{results['ci']:.0%} paired-bootstrap intervals, {results['bootstrap']} replicates. "
+        "Highlighted: the interval excludes 0. Every number: results.json / results.csv.</p>"
+    )
+    if results["incomplete"]:
+        head += f"<p>Incomplete cells (not in the tables): {html.escape(', '.join(results['incomplete']))}</p>"
+    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v * 1e3:.1f}</td></tr>" for k, v in sorted(timings.items()))
+    body = "\n".join(f"<figure><img src='{html.escape(name)}'><figcaption>{html.escape(title)}</figcaption></figure>" for title, name in figures)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>qsilk study</title>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}} td,th{{border:1px solid #ccc;padding:2px 6px;font-size:12px}}
+table{{border-collapse:collapse;margin:8px 0}} .sig{{background:#ffe9a8}} img{{max-width:100%}}</style></head><body>
+<h1>qsilk study</h1>{head}{_table(results)}<h2>Figures</h2>{body}
+<h2>Time per image (ms, this machine)</h2><table><tr><th>cell</th><th>ms / image</th></tr>{timing_rows}</table>
+</body></html>
+"""
+    atomic_write_text(folder / "index.html", page)
+    return folder / "index.html"
+
+
+__all__ = ["HEADLINE", "collect", "to_csv", "worst_corner", "write_outputs", "write_report"]
