@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
+# Where QSilk acts (few steps, high CFG): the plain sampler, the defaults and the strong preset on the same seeds.
 demo: $(STAMP)
-	$(VENV)/bin/qsilk compare --out qsilk-demo
+	$(VENV)/bin/qsilk compare --preset strong --steps 4 --cfg 9 --out qsilk-demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
