@@ -233,3 +233,12 @@ def test_clip_reward_with_random_local_weights(tmp_path):
     torch.testing.assert_close(scores.detach(), (img * txt).sum(-1))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         CLIPReward("openai/clip-vit-base-patch32")
+
+
+def test_cli_train_qrm_bad_input_is_one_error_line(capsys, tmp_path):
+    from qsilk.cli import main
+
+    code = main(["train-qrm", "--out", str(tmp_path / "run"), "--cfg-min", "5", "--cfg-max", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: invalid TrainConfig: need 0 <= cfg_min <= cfg_max"]
+    assert not (tmp_path / "run").exists()

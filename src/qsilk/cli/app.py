@@ -544,3 +544,8 @@ def _count_parameters(files: list[Path]) -> int:
 from qsilk.study.cli import register as _register_study  # noqa: E402
 
 _register_study(app)
+
+# `qsilk train-qrm` lives in qsilk.qrm (its own parser; forwarded unchanged).
+from qsilk.qrm.cli import register as _register_train_qrm  # noqa: E402
+
+_register_train_qrm(app)

@@ -335,8 +335,8 @@ def train_qrm(
     return qrm
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qsilk.qrm.train", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m qsilk.qrm.train") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", required=True, help="run folder (checkpoints, metrics.jsonl, qrm.safetensors)"
     )
