@@ -261,7 +261,7 @@ def test_resume_refuses_a_different_fixed_setting(finished, study_env, tmp_path)
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
     args = study_args(root, out)
-    args[args.index("--n") + 1] = "8"
+    args[args.index("--ref-n") + 1] = "8"
     result = run_study(env, args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -5,7 +5,7 @@ Folder layout (``out``)::
     spec.json                         the spec (its fixed part must match on resume)
     reference/chunk-*.safetensors     reference images' features, per metric
     cells/<cell>/chunk-*.safetensors  uint8 images + per-sample features of samples [start, start + count)
-    cells/<cell>/bootstrap.safetensors  every metric key's score on each bootstrap replicate
+    cells/<cell>/bootstrap-n<n>.safetensors  every metric key's score on each bootstrap replicate (n samples)
     results.json, results.csv         every number (deterministic: byte-identical on resume and across processes)
     timings.json                      seconds per image per cell (machine-dependent, kept apart)
     report/index.html                 plots, tables, image grid
@@ -221,8 +221,9 @@ class Study:
                     "use another --out folder, or the stored values"
                 )
             new_blocks = [b for b in self.spec.blocks if b not in stored.blocks]
-            if new_blocks and self.rank == 0:
+            if (new_blocks or stored.n != self.spec.n) and self.rank == 0:
                 stored.blocks = [*stored.blocks, *new_blocks]
+                stored.n = self.spec.n  # n may grow (or shrink: then only the first n samples are scored)
                 atomic_write_text(spec_path, stored.to_json() + "\n")
         elif self.rank == 0:
             atomic_write_text(spec_path, self.spec.to_json() + "\n")
@@ -362,7 +363,7 @@ class Study:
     # -- bootstrap --------------------------------------------------------------------------------------------------------------
 
     def bootstrap_path(self, cell: Cell) -> Path:
-        return self.cell_dir(cell) / "bootstrap.safetensors"
+        return self.cell_dir(cell) / f"bootstrap-n{self.spec.n}.safetensors"
 
     def _bootstrap_units(self) -> None:
         cells = [c for c in self.spec.cells() if self.cell_complete(c)]
