@@ -591,3 +591,16 @@ def test_euler_churn_through_the_wrapper():
         spy = handle.stab = SpyQSilk(handle.config)
         acted = loop()
     assert not torch.equal(acted, plain) and check_parity(pipe, spy, calls, "out") == STEPS
+
+
+def test_handle_stats_stay_on_the_device_until_read():
+    from qsilk.stabilizer import StepStats
+
+    pipe = tiny_sd_pipeline(scheduler="euler")
+    with qsilk.enable(pipe) as handle:
+        run(pipe, STEPS)
+    pending = [s for s, _ in handle._stats]
+    assert len(pending) == STEPS and all(isinstance(s, StepStats) and s._dict is None for s in pending)
+    stats = handle.stats  # one transfer for all steps
+    assert [s["step"] for s in stats] == list(range(STEPS)) and all(s["touched_fraction"] > 0 for s in stats)
+    assert handle.stats == stats and json.loads(json.dumps(stats, allow_nan=False)) == stats
