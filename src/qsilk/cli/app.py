@@ -347,6 +347,10 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     threads: ThreadsOpt = None,
+    qrm: Annotated[
+        str | None,
+        typer.Option("--qrm", metavar="PATH|demo", help="Attach a QRM ('demo': the shipped one for the demo model)."),
+    ] = None,
 ) -> None:
     """Generate images; each PNG carries its reproduction record (PNG text 'qsilk') and a JSON sidecar."""
     from . import options, runs
@@ -364,6 +368,13 @@ def generate(
         if not use_qsilk and given:
             raise CliError(f"QSilk options ({', '.join(given)}) given with --no-qsilk")
         qsilk_config = options.build_config(config, flags, preset=preset) if use_qsilk else None
+        if qrm is not None:
+            from qsilk.qrm.cli import check_qrm_option
+
+            try:
+                check_qrm_option(qrm)
+            except (ValueError, OSError) as e:
+                raise CliError(str(e)) from None
 
     console = _console()
     prepared = _prepare(
@@ -372,6 +383,15 @@ def generate(
         width=width, height=height, device=device, dtype=dtype, out=out, default_classes=False,
         uses_qsilk=use_qsilk, threads=threads, validate_more=check_qsilk, console=console,
     )  # fmt: skip
+    if qrm is not None:
+        import dataclasses
+
+        from qsilk.qrm.cli import attach_qrm_option
+
+        try:
+            prepared.settings = dataclasses.replace(prepared.settings, qrm=attach_qrm_option(prepared.pipe, qrm))
+        except (ValueError, TypeError, OSError) as e:
+            raise CliError(f"--qrm: {e}") from None
     jobs = [runs.Job(c, s, qsilk_config) for c in prepared.conditions for s in prepared.seeds]
     with runs.output_folder(out):
         results = runs.run_jobs(prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, console=console)

@@ -100,6 +100,7 @@ class Settings:
     dtype: str
     width: int | None = None
     height: int | None = None
+    qrm: dict[str, Any] | None = None  # qsilk.qrm.cli.attach_qrm_option's record when --qrm is given
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ def job_params(settings: Settings, job: Job) -> dict[str, Any]:
     }
     if settings.width is not None or settings.height is not None:
         params["width"], params["height"] = settings.width, settings.height
+    if settings.qrm is not None:  # only when given: keeps the keys of images made without QRM unchanged
+        params["qrm"] = settings.qrm
     return params
 
 
@@ -220,6 +223,8 @@ def reproduce_command(params: dict[str, Any]) -> str:
     args += ["--scheduler", params["scheduler"], "--device", params["device"], "--dtype", params["dtype"]]
     if params.get("width") is not None:
         args += ["--width", str(params["width"]), "--height", str(params["height"])]
+    if params.get("qrm"):
+        args += ["--qrm", params["qrm"]["path"]]
     if params["qsilk"] is None:
         args.append("--no-qsilk")
     else:
