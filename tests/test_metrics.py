@@ -227,8 +227,9 @@ def test_spectral_fidelity_detects_blur_as_a_negative_hf_gap():
     metric.reset()
     metric.update(gaussian_blur(shapes(16, 8), 1.2))
     blurred = metric.compute()
-    assert abs(same["spectral_hf_gap"]) < 0.15 and same["spectral_rms"] < 0.15
+    assert abs(same["spectral_hf_gap"]) < 0.15 and abs(same["spectral_mf_gap"]) < 0.15 and same["spectral_rms"] < 0.15
     assert blurred["spectral_hf_gap"] < -1.0
+    assert blurred["spectral_hf_gap"] < blurred["spectral_mf_gap"] < -0.2  # blur removes more the higher it goes
     assert blurred["spectral_rms_hf"] > blurred["spectral_rms"] > 5 * same["spectral_rms"]
     # Sharpening (extra HF energy) reads the other way.
     sharpened = (real + 1.5 * (real - gaussian_blur(real, 1.0))).clamp(0, 1)

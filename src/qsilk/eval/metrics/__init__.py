@@ -9,7 +9,7 @@ metric (``name``)         needs reference  keys
 ========================  ===============  ==========================================================
 InceptionFID (inception)  yes              fid, kid
 ClassifierFD (fmnist)     yes              fd_fmnist, kid_fmnist
-SpectralFidelity          yes              spectral_rms, spectral_rms_hf, spectral_hf_gap
+SpectralFidelity          yes              spectral_rms, spectral_rms_hf, spectral_hf_gap, spectral_mf_gap
 Saturation                no               saturation_low/high, saturation, peak (+ *_delta)
 ArtifactEnergy            no               harmonic_s4, harmonic_s8, halo_rms, edge_band_fraction (+ *_delta)
 ========================  ===============  ==========================================================
