@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", type=Path, default=None, help="QSilk config JSON for the right column (default: defaults)")
+    p.add_argument("--preset", default=None, help="named QSilk config for the right column, e.g. strong")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,8 +63,14 @@ def main(argv=None) -> None:
     pipe.set_progress_bar_config(disable=True)
     classes = list(range(int(pipe.transformer.config.num_embeds_ada_norm)))
     plain, labels = failure_grid(pipe, classes, args.seed)
-    config = qsilk.QSilkConfig.from_json(args.config) if args.config else qsilk.QSilkConfig()
-    config_name = f"with QSilk ({args.config.stem})" if args.config else "with QSilk (defaults)"
+    if args.config and args.preset:
+        p.error("give --config or --preset, not both")
+    if args.preset:
+        config, config_name = qsilk.QSilkConfig.preset(args.preset), f"with QSilk (preset {args.preset})"
+    elif args.config:
+        config, config_name = qsilk.QSilkConfig.from_json(args.config), f"with QSilk ({args.config.stem})"
+    else:
+        config, config_name = qsilk.QSilkConfig(), "with QSilk (defaults)"
     stabilised, _ = failure_grid(pipe, classes, args.seed, config)
     fig, axes = plt.subplots(len(plain), 2, figsize=(15, 0.78 * len(plain) + 0.6))
     for r, (a, b, label) in enumerate(zip(plain, stabilised, labels, strict=True)):
