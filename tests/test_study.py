@@ -143,11 +143,12 @@ def study_env(tmp_path_factory):
     return root, env
 
 
-def study_args(root: Path, out: Path, steps: str = "2 6", methods=("qsilk-strong", "cfg-guider"), report=False) -> list[str]:
+def study_args(root: Path, out: Path, steps="2 6", methods=("qsilk-strong", "cfg-guider"), report=False, n=6,
+               metrics=METRICS) -> list[str]:  # fmt: skip
     return [
         "--out", str(out), "--model", str(root / "demo"), "--methods", *methods, "--steps", *steps.split(),
-        "--cfg", "4", "--n", "6", "--chunk", "2", "--ref-n", "12", "--bootstrap", "40",
-        "--metrics", *METRICS, *([] if report else ["--no-report"]),
+        "--cfg", "4", "--n", str(n), "--chunk", "2", "--ref-n", "12", "--bootstrap", "40",
+        "--metrics", *metrics, *([] if report else ["--no-report"]),
     ]  # fmt: skip
 
 
@@ -266,12 +267,23 @@ def test_resume_refuses_a_different_fixed_setting(finished, study_env, tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "different fixed settings" in lines[-1] and "Traceback" not in result.stderr
-    # growing the grid is fine: new cells are added, finished ones kept
-    result = run_study(env, study_args(root, out, steps="2", methods=("cfg-rescale",)))
+
+
+def test_cells_metrics_and_n_grow_to_the_same_numbers(finished, study_env, tmp_path):
+    """A smaller study (fewer cells, metrics, seeds) grown to the finished one's grid gives its exact results: a
+    metric added later is computed from the stored images of finished chunks, not by sampling again."""
+    root, env = study_env
+    out = tmp_path / "grown"
+    small = run_study(env, study_args(root, out, steps="2", n=4, metrics=METRICS[:2]))
+    assert small.returncode == 0, small.stderr[-2000:]
+    result = run_study(env, study_args(root, out))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.count("study: ") == 3  # only the new cell's three chunks were generated
-    keys = {c["key"] for c in json.loads((out / "results.json").read_text())["cells"]}
-    assert {"dpm-s2-cfg4-cfg-rescale", "dpm-s6-cfg4-qsilk-strong"} <= keys
+    assert "dpm-s2-cfg4-cfg 0 +study_plugins:TinyFrechet" in result.stderr  # features added from stored images
+    assert "dpm-s2-cfg4-cfg 4 (" in result.stderr and "dpm-s6-cfg4-cfg 0 (" in result.stderr  # new seeds, cells
+    assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
+    grown, full = (json.loads((d / "results.json").read_text()) for d in (out, finished))
+    assert len(grown["study"].pop("blocks")) == 2 and len(full["study"].pop("blocks")) == 1  # how it was asked
+    assert grown == full
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ A cell is (scheduler, steps, CFG, method). Sample i of every cell uses seed ``se
 union of blocks, each a product methods x steps x CFG x schedulers (e.g. every method at the corner, a few at
 every cell); plain CFG (``"cfg"``) is always added to every block: it is what every difference is taken against.
 
-The *fixed* part of a spec (model, first seed, chunk, metrics, reference, bootstrap) decides every stored number;
-a study folder refuses a spec whose fixed part differs. Blocks and n may grow between runs (new cells and new seed
-chunks are added, finished ones are kept; use an n that is a multiple of the chunk so chunks stay whole).
+The *fixed* part of a spec (model, first seed, chunk, reference, bootstrap) decides every stored number; a study
+folder refuses a spec whose fixed part differs. Blocks, metrics and n may grow between runs (new cells, metrics and
+seed chunks are added, finished ones are kept; use an n that is a multiple of the chunk so chunks stay whole).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from .methods import BASELINE, get_method
 
-FIXED_FIELDS = ("model", "seed_base", "chunk", "metrics", "ref_split", "ref_n", "bootstrap", "bootstrap_seed")
+FIXED_FIELDS = ("model", "seed_base", "chunk", "ref_split", "ref_n", "bootstrap", "bootstrap_seed")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def collect(study: Study) -> dict[str, Any]:
     cells, comparisons, incomplete = [], [], []
     points: dict[Any, tuple[dict, dict]] = {}
     for cell in spec.cells():
-        if not (study.cell_complete(cell) and study.bootstrap_path(cell).exists()):
+        if not (study.cell_complete(cell) and study.bootstrap_complete(cell)):
             incomplete.append(cell.key)
             continue
         points[cell] = study.load_bootstrap(cell)

@@ -5,10 +5,13 @@ Folder layout (``out``)::
     spec.json                         the spec (its fixed part must match on resume)
     reference/chunk-*.safetensors     reference images' features, per metric
     cells/<cell>/chunk-*.safetensors  uint8 images + per-sample features of samples [start, start + count)
-    cells/<cell>/bootstrap-n<n>.safetensors  every metric key's score on each bootstrap replicate (n samples)
+    cells/<cell>/bootstrap-n<n>-<metric>.safetensors  the metric's scores on each bootstrap replicate (n samples)
     results.json, results.csv         every number (deterministic: byte-identical on resume and across processes)
     timings.json                      seconds per image per cell (machine-dependent, kept apart)
     report/index.html                 plots, tables, image grid
+
+Features are computed from the stored uint8 images (what a saved PNG holds), so a metric added to the spec later is
+computed from the stored images of finished cells and gives the same numbers it would have given at once.
 
 Every file is written to a temporary name and renamed, so a killed run leaves only whole files, and a rerun does
 exactly the missing ones. Under ``accelerate launch`` each process takes every k-th work unit (reference chunk,
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -221,15 +225,19 @@ class Study:
                     "use another --out folder, or the stored values"
                 )
             new_blocks = [b for b in self.spec.blocks if b not in stored.blocks]
-            if (new_blocks or stored.n != self.spec.n) and self.rank == 0:
+            new_metrics = [m for m in self.spec.metrics if m not in stored.metrics]
+            if (new_blocks or new_metrics or stored.n != self.spec.n) and self.rank == 0:
                 stored.blocks = [*stored.blocks, *new_blocks]
+                stored.metrics = (*stored.metrics, *new_metrics)  # metrics may be added, never dropped
                 stored.n = self.spec.n  # n may grow (or shrink: then only the first n samples are scored)
                 atomic_write_text(spec_path, stored.to_json() + "\n")
         elif self.rank == 0:
             atomic_write_text(spec_path, self.spec.to_json() + "\n")
         self._barrier()
         stored = StudySpec.from_json(spec_path)
-        self.spec.blocks = stored.blocks
+        self.spec.blocks, self.spec.metrics = stored.blocks, stored.metrics
+        if self._metrics is not None and set(self._metrics) != set(self.spec.metrics):
+            raise ValueError(f"metric objects given for {sorted(self._metrics)}, the study has {list(self.spec.metrics)}")
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / "cells" / cell.key
@@ -251,6 +259,14 @@ class Study:
         folder = self.out / "reference" if kind == "ref" else self.cell_dir(cell)
         return folder / chunk_name(start, count)
 
+    def _missing_metrics(self, path: Path) -> list[str]:
+        """Metrics whose features a chunk file lacks (all of them when the file does not exist)."""
+        if not path.exists():
+            return list(self.spec.metrics)
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+        return [n for n in self.spec.metrics if f"f.{metric_key(n)}" not in keys]
+
     def run(self, finalize: bool = True, report: bool = True) -> dict | None:
         """Do this process's missing units; then bootstrap and (process 0) write results (and the HTML report)."""
         torch.set_num_threads(self.spec.threads)
@@ -262,13 +278,17 @@ class Study:
                 self.scheduler_for(scheduler)
         self._check_folder()
         units = self.units()
-        mine = [u for k, u in enumerate(units) if k % self.world == self.rank and not self.unit_path(u).exists()]
+        mine = [(u, self._missing_metrics(self.unit_path(u))) for k, u in enumerate(units) if k % self.world == self.rank]
+        mine = [(u, missing) for u, missing in mine if missing]
         bar = Progress(len(mine), f"study[{self.rank}]" if self.world > 1 else "study", self.progress)
         try:
-            for unit in [u for u in mine if u[0] == "ref"]:
-                self._reference_unit(unit)
+            for unit, missing in [m for m in mine if m[0][0] == "ref"]:
+                self._reference_unit(unit, missing)
                 bar.update(f"reference {unit[2]}")
-            cell_units = [u for u in mine if u[0] == "cell"]
+            for unit, missing in [m for m in mine if m[0][0] == "cell" and self.unit_path(m[0]).exists()]:
+                self._add_features(unit, missing)  # a metric added to a finished cell: from its stored images
+                bar.update(f"{unit[1].key} {unit[2]} +{','.join(missing)}")
+            cell_units = [u for u, _ in mine if u[0] == "cell" and not self.unit_path(u).exists()]
             for cell in dict.fromkeys(u[1] for u in cell_units):
                 self._cell_units(cell, [u for u in cell_units if u[1] == cell], bar)
         finally:
@@ -288,13 +308,27 @@ class Study:
         if self.state is not None:
             self.state.wait_for_everyone()
 
-    def _features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {f"f.{metric_key(n)}": m.features(images).to("cpu", torch.float64) for n, m in self.metrics.items()}
+    def _features(self, images_u8: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Features of the stored (uint8) images, as the metrics see a saved PNG: [0, 1], grey shown as RGB. So a
+        metric added later, computed from the stored images, gives the numbers it would have given at once."""
+        images = images_u8.float() / 255.0
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        return {f"f.{metric_key(n)}": self.metrics[n].features(images).to("cpu", torch.float64) for n in names}
 
-    def _reference_unit(self, unit) -> None:
+    def _reference_unit(self, unit, missing: list[str]) -> None:
         _, _, start, count = unit
-        images = self.reference_images(start, count)
-        atomic_save(self.unit_path(unit), self._features(images))
+        path = self.unit_path(unit)
+        stored = load_file(str(path)) if path.exists() else {}
+        images = to_uint8(self.reference_images(start, count))
+        atomic_save(path, {**stored, **self._features(images, missing)})
+
+    def _add_features(self, unit, missing: list[str]) -> None:
+        path = self.unit_path(unit)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        stored = load_file(str(path))
+        atomic_save(path, {**stored, **self._features(stored["images"], missing)}, metadata=metadata)
 
     def _cell_units(self, cell: Cell, units: list, bar: Progress) -> None:
         pipe = self.pipe
@@ -319,7 +353,8 @@ class Study:
                 seconds = time.time() - started
                 if not torch.isfinite(images).all():
                     raise ValueError(f"cell {cell.key}: non-finite images in samples {start}..{start + count - 1}")
-                tensors = {"images": to_uint8(images), **self._features(images)}
+                images_u8 = to_uint8(images)
+                tensors = {"images": images_u8, **self._features(images_u8, self.spec.metrics)}
                 meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True)}
                 atomic_save(self.unit_path(unit), tensors, metadata=meta)
                 bar.update(f"{cell.key} {start}")
@@ -327,7 +362,8 @@ class Study:
     # -- reading back ------------------------------------------------------------------------------------------------------------
 
     def cell_complete(self, cell: Cell) -> bool:
-        return all((self.cell_dir(cell) / chunk_name(s, c)).exists() for s, c in self.spec.chunks())
+        """Every chunk of the first n samples is stored, with every metric's features."""
+        return all(not self._missing_metrics(self.cell_dir(cell) / chunk_name(s, c)) for s, c in self.spec.chunks())
 
     def load_cell(self, cell: Cell, what: str = "features") -> dict[str, torch.Tensor]:
         """Concatenated chunk tensors of a complete cell: features per metric name, or ``{"images": ...}``."""
@@ -362,38 +398,44 @@ class Study:
 
     # -- bootstrap --------------------------------------------------------------------------------------------------------------
 
-    def bootstrap_path(self, cell: Cell) -> Path:
-        return self.cell_dir(cell) / f"bootstrap-n{self.spec.n}.safetensors"
+    def bootstrap_path(self, cell: Cell, metric: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_-]", "_", metric)
+        return self.cell_dir(cell) / f"bootstrap-n{self.spec.n}-{safe}.safetensors"
+
+    def bootstrap_complete(self, cell: Cell) -> bool:
+        return all(self.bootstrap_path(cell, m).exists() for m in self.spec.metrics)
 
     def _bootstrap_units(self) -> None:
-        cells = [c for c in self.spec.cells() if self.cell_complete(c)]
-        mine = [c for k, c in enumerate(cells) if k % self.world == self.rank and not self.bootstrap_path(c).exists()]
+        """One unit per (complete cell, metric): every key's score on each replicate and on all n samples."""
+        work = [(c, m) for c in self.spec.cells() if self.cell_complete(c) for m in self.spec.metrics]
+        mine = [w for k, w in enumerate(work) if k % self.world == self.rank and not self.bootstrap_path(*w).exists()]
         if not mine:
             return
         reference = self.load_reference()
         indices = bootstrap_indices(self.spec.n, self.spec.bootstrap, self.spec.bootstrap_seed)
         bar = Progress(len(mine), f"bootstrap[{self.rank}]" if self.world > 1 else "bootstrap", self.progress)
         try:
-            for cell in mine:
-                features = self.load_cell(cell)
+            for cell, name in mine:
+                features = self.load_cell(cell)[name]
+                scorer = replicate_scorer(self.metrics[name], features, reference[name])
+                point = scorer(np.arange(self.spec.n))
                 tensors: dict[str, torch.Tensor] = {}
-                for name, metric in self.metrics.items():
-                    scorer = replicate_scorer(metric, features[name], reference[name])
-                    point = scorer(np.arange(self.spec.n))
-                    table = replicate_table(scorer, indices)
-                    for key, values in table.items():
-                        tensors[f"{metric_key(name)}.{key}"] = torch.from_numpy(values)
-                        tensors[f"point.{metric_key(name)}.{key}"] = torch.tensor([point[key]], dtype=torch.float64)
-                atomic_save(self.bootstrap_path(cell), tensors)
-                bar.update(cell.key)
+                for key, values in replicate_table(scorer, indices).items():
+                    tensors[f"{metric_key(name)}.{key}"] = torch.from_numpy(values)
+                    tensors[f"point.{metric_key(name)}.{key}"] = torch.tensor([point[key]], dtype=torch.float64)
+                atomic_save(self.bootstrap_path(cell, name), tensors)
+                bar.update(f"{cell.key} {name}")
         finally:
             bar.close()
 
     def load_bootstrap(self, cell: Cell) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """(point scores, replicate scores) per ``metric.key``."""
-        data = load_file(str(self.bootstrap_path(cell)))
-        point = {k[len("point.") :]: float(v[0]) for k, v in data.items() if k.startswith("point.")}
-        reps = {k: v.numpy() for k, v in data.items() if not k.startswith("point.")}
+        """(point scores, replicate scores) per ``metric.key``, every metric of the spec."""
+        point: dict[str, float] = {}
+        reps: dict[str, np.ndarray] = {}
+        for metric in self.spec.metrics:
+            data = load_file(str(self.bootstrap_path(cell, metric)))
+            point.update({k[len("point.") :]: float(v[0]) for k, v in data.items() if k.startswith("point.")})
+            reps.update({k: v.numpy() for k, v in data.items() if not k.startswith("point.")})
         return point, reps
 
 
