@@ -459,3 +459,7 @@ def test_non_finite_check_fast_path_and_overflowing_sums():
     x[0, 0, 0, 0], x[0, 0, 0, 1] = float("inf"), -float("inf")  # the sum is NaN, not +-inf
     with pytest.raises(ValueError, match="2 non-finite"):
         aqclip(x)
+    conf = torch.full((1, 1, 8, 8), 0.5)
+    conf[0, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="confidence contains non-finite"):
+        aqclip(gaussian(1, 4, 8, 8), conf)

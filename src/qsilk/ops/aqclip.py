@@ -17,7 +17,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_latent
+from ._checks import all_finite, check_latent
 from ._scale import pow2_scale
 from .saturate import soft_clip
 
@@ -61,7 +61,7 @@ def resize_confidence(confidence: torch.Tensor | None, like: torch.Tensor) -> to
         raise ValueError(
             f"confidence must be (B, 1, h, w) with B = {like.shape[0]} or 1, got shape {tuple(confidence.shape)}"
         )
-    if not bool(torch.isfinite(c).all()):
+    if not all_finite(c):
         raise ValueError("confidence contains non-finite values")
     if c.shape[-2:] != like.shape[-2:]:
         c = F.interpolate(c, size=like.shape[-2:], mode="bilinear", align_corners=False)
