@@ -112,7 +112,7 @@ def test_bad_guider_arguments(pipe):
 
 BASELINES = [
     "cfg-rescale", "interval", "apg", "cfg-zero-star", "fdg", "tcfg", "mimic-dt", "imagen-dt", "ref-clamp",
-    "ref-aqclip", "qsilk", "qsilk-strong", "qsilk-clamp", "qsilk-hard", "qsilk-tile8",
+    "ref-aqclip", "qsilk", "qsilk-strong", "qsilk-clamp", "qsilk-hard", "qsilk-tile8", "qsilk-attention",
 ]  # fmt: skip
 
 
@@ -134,6 +134,17 @@ def test_qsilk_composes_with_each_guider(pipe, guider):
         composed = sample(pipe, output_type="latent", **kwargs)
     assert torch.isfinite(composed).all()
     assert (composed - alone).abs().max() > 1e-4
+
+
+def test_attention_confidence_composes_with_a_guidance_interval(pipe):
+    """The attention probe reads the conditional half of a CFG batch, and the whole batch where the interval skips
+    the unconditional pass: composed, it differs from QSilk with the structure proxy."""
+    runs = {}
+    for name in ("interval+qsilk", "interval+qsilk-attention"):
+        with get_method(name).sampling(pipe, CFG) as kwargs:
+            runs[name] = sample(pipe, output_type="latent", steps=8, **kwargs)
+    assert torch.isfinite(runs["interval+qsilk-attention"]).all()
+    assert not torch.equal(runs["interval+qsilk"], runs["interval+qsilk-attention"])
 
 
 def test_cfg_guider_method_equals_baseline(pipe, plain):
