@@ -642,3 +642,26 @@ def test_measured_fid_sentence_comes_from_the_shipped_results():
     for tag in ("off", "default", "qsilk-strong"):
         assert f"{cells[tag]['fid']:.2f}" in sentence
     assert "8 steps, CFG 7" in sentence and "5,000 samples" in sentence
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
+     "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+     "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"],
+)  # fmt: skip
+def test_scheduler_step_check_passes_schedulers_that_run(name):
+    """The dry run before sampling must not reject a scheduler that works (flow matching has no
+    scale_model_input; dynamic shifting needs mu), and must reject PNDM with too few steps."""
+    import diffusers
+
+    from qsilk.cli.errors import CliError
+    from qsilk.cli.models import check_scheduler_steps
+
+    cls = getattr(diffusers, name)
+    for config in ({}, {"use_dynamic_shifting": True} if name.startswith("FlowMatchEuler") else {}):
+        for steps in (1, 4, 20):
+            check_scheduler_steps(cls(**config), steps)
+    with pytest.raises(CliError, match="PNDMScheduler cannot run 2 step"):
+        check_scheduler_steps(diffusers.PNDMScheduler(), 2)

@@ -341,8 +341,10 @@ def check_scheduler_steps(scheduler, steps: int) -> None:
         with torch.random.fork_rng(devices=[]):  # stochastic schedulers draw noise: leave the global RNG alone
             trial.set_timesteps(steps, **kwargs)
             sample = torch.zeros(1, 4, 8, 8)
+            scale = getattr(trial, "scale_model_input", None)  # flow-matching schedulers have none
             for t in trial.timesteps:
-                trial.scale_model_input(sample, t)
+                if scale is not None:
+                    scale(sample, t)
                 sample = trial.step(torch.zeros_like(sample), t, sample).prev_sample
     except Exception as err:
         raise CliError(
