@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.out / "spec.json").exists():
                 raise ValueError(f"no study at {args.out}")
             study._check_folder()
+            study._bootstrap_units()  # cells finished since the last results (safe next to a running study)
             from .report import write_outputs
 
             results = write_outputs(study, report=not args.no_report)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .runner import Study
 
 # The keys a reader looks at first (others are still in the JSON/CSV and get plots too).
-HEADLINE = ("fid", "kid", "fd_fmnist", "spectral_hf_gap", "spectral_rms_hf", "saturation", "peak")
+HEADLINE = ("fid", "kid", "fd_fmnist", "spectral_hf_gap", "spectral_mf_gap", "spectral_rms_hf", "saturation", "peak")
 
 
 def _json_number(x: float) -> float | None:
