@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from qsilk import QSilk, aqclip, micro_clamp, structure_confidence
 from qsilk.ops import aqclip_corridor, soft_clip, tail_quantiles, tile_starts
+from qsilk.ops.quantile import upper_quantile
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -38,6 +39,13 @@ def test_tail_quantiles_match_torch_quantile_exactly(n, q):
     ref = torch.quantile(rows, torch.tensor([q, 1 - q]), dim=1)
     assert torch.equal(lo.squeeze(1), ref[0])
     assert torch.equal(hi.squeeze(1), ref[1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 1000, 4096])
+@pytest.mark.parametrize("q", [0.001, 0.05, 0.2, 0.5])
+def test_upper_quantile_matches_torch_quantile_exactly(n, q):
+    rows = gaussian(3, n, seed=n + 1)
+    assert torch.equal(upper_quantile(rows, q).squeeze(1), torch.quantile(rows, 1 - q, dim=1))
 
 
 def test_tail_quantiles_above_torch_quantile_limit():

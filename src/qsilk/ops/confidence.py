@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ._checks import check_fraction, check_latent
 from ._scale import pow2_scale
-from .quantile import tail_quantiles
+from .quantile import upper_quantile
 
 
 def gradient_energy(x0: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def structure_confidence(x0: torch.Tensor, smooth: int = 3, quantile: float = 0.
     if smooth > 1:
         energy = box_mean(energy, smooth)
     rows = energy.reshape(energy.shape[0], -1)
-    scale = tail_quantiles(rows, 1.0 - quantile)[1] if quantile < 1 else rows.max(dim=1, keepdim=True).values
+    scale = upper_quantile(rows, 1.0 - quantile) if quantile < 1 else rows.max(dim=1, keepdim=True).values
     scale = scale.reshape(-1, 1, 1, 1)
     conf = torch.where(scale > 0, energy / scale.clamp_min(1e-30), torch.zeros_like(energy))
     return conf.clamp(0.0, 1.0)

@@ -35,6 +35,23 @@ def _lerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.where(torch.isfinite(out), out, a * (1.0 - w) + b * w)
 
 
+def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """Q_(1-q) of each row, shape (R, 1): the upper half of :func:`tail_quantiles` without selecting the lower
+    tail. Equal to torch.quantile bit for bit."""
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be 2-D (rows, values), got shape {tuple(rows.shape)}")
+    if not 0.0 < q <= 0.5:
+        raise ValueError(f"quantile must be in (0, 0.5], got {q!r}")
+    rows = rows.float()
+    n = rows.shape[1]
+    hi_b, hi_a, hi_w = _rank(1.0 - q, n)
+    if n - hi_b > _TOPK_LIMIT * n:
+        ordered = rows.sort(dim=1).values
+        return _lerp(ordered[:, hi_b : hi_b + 1], ordered[:, hi_a : hi_a + 1], hi_w)
+    large = rows.topk(n - hi_b, dim=1, largest=True, sorted=True).values  # large[:, j] = rank n-1-j
+    return _lerp(large[:, n - 1 - hi_b : n - hi_b], large[:, n - 1 - hi_a : n - hi_a], hi_w)
+
+
 def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (Q_q, Q_(1-q)) of each row of a 2-D fp32 tensor, shape (R, 1) each, equal to torch.quantile.
 
