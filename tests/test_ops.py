@@ -447,7 +447,7 @@ def test_bench_rows_and_raw_json(tmp_path):
 
     from qsilk.eval.bench import bench_ops, write_json
 
-    rows = bench_ops(torch.device("cpu"), repeats=1, shapes=((3, 1, 16, 16),))
+    rows = bench_ops(torch.device("cpu"), repeats=1, shapes=((3, 1, 16, 16),), min_seconds=0.0)
     assert rows[0]["shape"] == "3x1x16x16" and rows[0]["clamp_exact"] and rows[0]["qsilk_ms"] > 0
     path = tmp_path / "results" / "bench.json"
     write_json({"ops": rows}, str(path), ["--quick"])

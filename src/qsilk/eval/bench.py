@@ -68,19 +68,22 @@ def median_time(
 
 
 def bench_ops(
-    device: torch.device, repeats: int = 5, shapes: tuple[tuple[int, int, int, int], ...] = SHAPES
+    device: torch.device,
+    repeats: int = 5,
+    shapes: tuple[tuple[int, int, int, int], ...] = SHAPES,
+    min_seconds: float = 0.2,
 ) -> list[dict]:
     rows = []
     for shape in shapes:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
         x.view(-1)[::997] *= 8.0  # a few spikes
         exact = torch.equal(micro_clamp(x, mode="hard"), reference_micro_clamp(x))
-        t_ref_clamp = median_time(lambda x=x: reference_micro_clamp(x), repeats, device)
-        t_clamp = median_time(lambda x=x: micro_clamp(x), repeats, device)
-        t_ref_aq = median_time(lambda x=x: reference_aqclip(x, 16, 8), repeats, device)
-        t_aq = median_time(lambda x=x: aqclip(x, tile=16, stride=8), repeats, device)
+        t_ref_clamp = median_time(lambda x=x: reference_micro_clamp(x), repeats, device, min_seconds)
+        t_clamp = median_time(lambda x=x: micro_clamp(x), repeats, device, min_seconds)
+        t_ref_aq = median_time(lambda x=x: reference_aqclip(x, 16, 8), repeats, device, min_seconds)
+        t_aq = median_time(lambda x=x: aqclip(x, tile=16, stride=8), repeats, device, min_seconds)
         stab = QSilk(QSilkConfig())
-        t_qsilk = median_time(lambda x=x, stab=stab: stab(x), repeats, device)
+        t_qsilk = median_time(lambda x=x, stab=stab: stab(x), repeats, device, min_seconds)
         rows.append(
             {
                 "shape": "x".join(map(str, shape)),
@@ -203,6 +206,24 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", str(here.parents[1])],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_json(result: dict, path: str, argv: list[str]) -> None:
     """Atomically write the raw results (plus how they were measured) as standard JSON."""
     target = Path(path)
@@ -211,6 +232,7 @@ def write_json(result: dict, path: str, argv: list[str]) -> None:
         "command": " ".join(["python -m qsilk.eval.bench", *argv]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch": torch.__version__,
+        "qsilk_commit": _git_commit(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         **result,
