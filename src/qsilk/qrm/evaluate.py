@@ -2,7 +2,7 @@
 
     python -m qsilk.qrm.evaluate sample  --out runs/qrm/eval --arm base --n 1000
     python -m qsilk.qrm.evaluate sample  --out runs/qrm/eval --arm light --qrm runs/qrm/light/qrm --n 1000
-    python -m qsilk.qrm.evaluate reference --out runs/qrm/eval --n-ref 2000
+    python -m qsilk.qrm.evaluate inception --out runs/qrm/eval --arms base light --n-ref 1000
     python -m qsilk.qrm.evaluate report  --out runs/qrm/eval --arms base light
 
 Image i uses seed ``seed_start + i`` (default 1,000,000: the trainer draws its noise from one generator seeded with
@@ -84,62 +84,130 @@ def _as_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div(255.0).repeat(1, 3, 1, 1)
 
 
-def arm_features(out: Path, arm: str, batch: int = 100) -> dict[str, torch.Tensor]:
-    """Judge log-probs/correctness, Inception and in-domain features per image (cached in the arm folder)."""
-    cache = out / arm / "features.safetensors"
-    images, labels = load_arm(out, arm)
-    if cache.exists():
-        feats = load_file(str(cache))
-        if len(feats["labels"]) == len(labels):
-            return feats
-    from qsilk.eval.classifier import load_fmnist_classifier
-    from qsilk.eval.metrics import ClassifierFD, InceptionFID
+def load_judge(judge: str | None = None):
+    """The held-out judge: ``qsilk.eval.classifier.load_fmnist_classifier()``, or (``judge``) a folder holding its
+    weights or a training checkpoint of the same network."""
+    from qsilk.eval import classifier as clf
 
-    judge = load_fmnist_classifier()
-    inception, fmnist = InceptionFID(), ClassifierFD(network=judge)
-    logp, incep, fm = [], [], []
-    for i in range(0, len(images), batch):
-        x = _as_float(images[i : i + batch])
-        with torch.no_grad():
-            lp = torch.log_softmax(judge(x).float(), dim=1)
-        logp.append(lp)
-        incep.append(inception.features(x))
-        fm.append(fmnist.features(x))
-    logp_all = torch.cat(logp)
-    feats = {
-        "labels": labels,
-        "judge_logp": logp_all.gather(1, labels.long()[:, None]).squeeze(1).double(),
-        "judge_correct": (logp_all.argmax(1) == labels).double(),
-        "inception": torch.cat(incep),
-        "fmnist": torch.cat(fm),
-    }
-    atomic_save_tensors(feats, cache)
+    if judge is None:
+        return clf.load_fmnist_classifier()
+    path = Path(judge)
+    if path.is_dir():
+        return clf.load_classifier(path)
+    model = clf.FashionCNN(clf.ClassifierConfig())
+    state = load_file(str(path))
+    model.load_state_dict(
+        {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("model.")} or state
+    )
+    return model.eval().requires_grad_(False)
+
+
+def _cached(path: Path, n: int | None, compute) -> dict[str, torch.Tensor]:
+    if path.exists():
+        feats = load_file(str(path))
+        if n is None or len(next(iter(feats.values()))) == n:
+            return feats
+    feats = compute()
+    atomic_save_tensors(feats, path)
     return feats
 
 
-def reference_features(out: Path, n_ref: int, batch: int = 100) -> dict[str, torch.Tensor]:
-    cache = out / f"reference_{n_ref}.safetensors"
-    if cache.exists():
-        return load_file(str(cache))
-    from qsilk.eval.classifier import load_fmnist_classifier
-    from qsilk.eval.metrics import ClassifierFD, InceptionFID
+def arm_features(out: Path, arm: str, judge: str | None = None, batch: int = 100) -> dict[str, torch.Tensor]:
+    """Inception features, and the judge's log-probs / correctness / in-domain features, per image (cached)."""
+    images, labels = load_arm(out, arm)
+
+    def inception():
+        from qsilk.eval.metrics import InceptionFID
+
+        metric = InceptionFID()
+        return {
+            "inception": torch.cat(
+                [metric.features(_as_float(images[i : i + batch])) for i in range(0, len(images), batch)]
+            )
+        }
+
+    def judged():
+        from qsilk.eval.metrics import ClassifierFD
+
+        net = load_judge(judge)
+        metric = ClassifierFD(network=net)
+        logp, fm = [], []
+        for i in range(0, len(images), batch):
+            x = _as_float(images[i : i + batch])
+            with torch.no_grad():
+                logp.append(torch.log_softmax(net(x).float(), dim=1))
+            fm.append(metric.features(x))
+        logp_all = torch.cat(logp)
+        return {
+            "labels": labels,
+            "judge_logp": logp_all.gather(1, labels.long()[:, None]).squeeze(1).double(),
+            "judge_correct": (logp_all.argmax(1) == labels).double(),
+            "fmnist": torch.cat(fm),
+        }
+
+    feats = dict(_cached(out / arm / "inception.safetensors", len(images), inception))
+    feats.update(_cached(out / arm / f"judge_{_judge_tag(judge)}.safetensors", len(images), judged))
+    return feats
+
+
+def _judge_tag(judge: str | None) -> str:
+    return "shipped" if judge is None else Path(judge).stem
+
+
+def _reference_images(n_ref: int):
     from qsilk.models.demo.data import load_fashion_mnist, to_model_images
 
     images, _ = load_fashion_mnist("test")
-    images = images[:n_ref]
-    inception, fmnist = InceptionFID(), ClassifierFD(network=load_fmnist_classifier())
-    incep, fm = [], []
-    for i in range(0, len(images), batch):
-        x = ((to_model_images(images[i : i + batch]) + 1) / 2).clamp(0, 1)
-        x = (x * 255).round() / 255  # the same uint8 quantisation as the generated images
-        x = x.repeat(1, 3, 1, 1)
-        incep.append(inception.features(x))
-        fm.append(fmnist.features(x))
-        print(f"reference: {min(i + batch, len(images))}/{len(images)}", flush=True)
-    feats = {"inception": torch.cat(incep), "fmnist": torch.cat(fm)}
+    x = ((to_model_images(images[:n_ref]) + 1) / 2).clamp(0, 1)
+    return ((x * 255).round() / 255).repeat(1, 3, 1, 1)  # the same uint8 quantisation as the generated images
+
+
+def reference_features(
+    out: Path, n_ref: int, judge: str | None = None, batch: int = 100
+) -> dict[str, torch.Tensor]:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(feats, cache)
+
+    def inception():
+        from qsilk.eval.metrics import InceptionFID
+
+        x, metric = _reference_images(n_ref), InceptionFID()
+        return {"inception": torch.cat([metric.features(x[i : i + batch]) for i in range(0, len(x), batch)])}
+
+    def judged():
+        from qsilk.eval.metrics import ClassifierFD
+
+        x, metric = _reference_images(n_ref), ClassifierFD(network=load_judge(judge))
+        return {"fmnist": torch.cat([metric.features(x[i : i + batch]) for i in range(0, len(x), batch)])}
+
+    feats = dict(_cached(out / f"reference_{n_ref}_inception.safetensors", n_ref, inception))
+    feats.update(_cached(out / f"reference_{n_ref}_judge_{_judge_tag(judge)}.safetensors", n_ref, judged))
     return feats
+
+
+def inception_only(out: Path, arms: list[str], n_ref: int, batch: int = 100) -> None:
+    """The judge-independent part (Inception features of the reference and the arms), to run ahead."""
+    from qsilk.eval.metrics import InceptionFID
+
+    def ref():
+        x, metric = _reference_images(n_ref), InceptionFID()
+        return {"inception": torch.cat([metric.features(x[i : i + batch]) for i in range(0, len(x), batch)])}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _cached(out / f"reference_{n_ref}_inception.safetensors", n_ref, ref)
+    print("reference inception done", flush=True)
+    for arm in arms:
+        images, _ = load_arm(out, arm)
+        metric = InceptionFID()
+        _cached(
+            out / arm / "inception.safetensors",
+            len(images),
+            lambda images=images, metric=metric: {
+                "inception": torch.cat(
+                    [metric.features(_as_float(images[i : i + batch])) for i in range(0, len(images), batch)]
+                )
+            },
+        )
+        print(f"{arm} inception done", flush=True)
 
 
 class FrechetToReference:
@@ -186,15 +254,23 @@ def paired_bootstrap(stat, base: dict, arm: dict, n: int, reps: int, seed: int =
     }
 
 
-def report(out: Path, arms: list[str], n_ref: int, reps: int, reps_frechet: int) -> dict:
-    ref = reference_features(out, n_ref)
+def report(
+    out: Path, arms: list[str], n_ref: int, reps: int, reps_frechet: int, judge: str | None = None
+) -> dict:
+    ref = reference_features(out, n_ref, judge)
     base_name, others = arms[0], arms[1:]
-    base = arm_features(out, base_name)
+    base = arm_features(out, base_name, judge)
     fid = FrechetToReference(ref["inception"])
     fd = FrechetToReference(ref["fmnist"])
-    result = {"n": len(base["labels"]), "n_ref": n_ref, "base_arm": base_name, "arms": {}}
+    result = {
+        "n": len(base["labels"]),
+        "n_ref": n_ref,
+        "judge": judge or "qsilk.eval.classifier (shipped)",
+        "base_arm": base_name,
+        "arms": {},
+    }
     for name in others:
-        arm = arm_features(out, name)
+        arm = arm_features(out, name, judge)
         if not torch.equal(arm["labels"], base["labels"]):
             raise ValueError(f"arms {base_name} and {name} do not hold the same seeds/classes")
         n = len(base["labels"])
@@ -212,18 +288,34 @@ def report(out: Path, arms: list[str], n_ref: int, reps: int, reps_frechet: int)
     return result
 
 
+def figure(out: Path, arms: list[str], path: Path, count: int = 10) -> Path:
+    """Rows: each arm's first ``count`` images (same seeds and classes), then |last arm - first arm| x4."""
+    from PIL import Image
+
+    rows = [load_arm(out, arm)[0][:count, 0] for arm in arms]
+    diff = ((rows[-1].int() - rows[0].int()).abs() * 4).clamp(0, 255).to(torch.uint8)
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in [*rows, diff]], dim=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qsilk.qrm.evaluate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("stage", choices=["sample", "reference", "report"])
+    parser.add_argument("stage", choices=["sample", "inception", "report", "figure"])
+    parser.add_argument("--figure", default="docs/images/qrm-demo.png")
+    parser.add_argument(
+        "--judge", default=None, help="judge weights folder or checkpoint (default: the shipped one)"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--arm", default="base")
     parser.add_argument("--arms", nargs="+", default=["base", "light"])
     parser.add_argument("--qrm", default=None, help="QRM checkpoint (omit for the base arm)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--n-ref", type=int, default=2000)
+    parser.add_argument("--n-ref", type=int, default=1000)
     parser.add_argument("--seed-start", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cfg", type=float, default=4.0)
@@ -235,10 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.stage == "sample":
         sample_arm(out, args.arm, args.qrm, args.n, args.seed_start, args.steps, args.cfg, args.model)
-    elif args.stage == "reference":
-        reference_features(out, args.n_ref)
+    elif args.stage == "figure":
+        print(figure(out, args.arms, Path(args.figure)))
+    elif args.stage == "inception":
+        inception_only(out, args.arms, args.n_ref)
     else:
-        print(json.dumps(report(out, args.arms, args.n_ref, args.reps, args.reps_frechet), indent=2))
+        print(
+            json.dumps(report(out, args.arms, args.n_ref, args.reps, args.reps_frechet, args.judge), indent=2)
+        )
     return 0
 
 
