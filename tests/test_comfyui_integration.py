@@ -191,3 +191,8 @@ def test_map_to_image_and_preview():
         qc.map_to_image(torch.zeros(1, 2, 2, 2))
     confidence, change = qc.preview_images(qc.QSilkPostCFG(), upscale=1, latent_hw=(3, 5))
     assert confidence.shape == change.shape == (1, 3, 5, 3) and not change.any()
+
+
+def test_attention_options_in_the_qsilk_config_point_to_the_attention_node():
+    with pytest.warns(RuntimeWarning, match="attention confidence' node"):
+        qc.QSilkPostCFG(QSilkConfig(attention_max_queries=64))

@@ -236,6 +236,23 @@ def test_preview_node_returns_images(model):
         pack.QSilkPreviewNode.execute(model, {"samples": out}, upscale=8, normalize=True)
 
 
+def test_every_config_option_is_a_node_input():
+    import dataclasses
+
+    qsilk_inputs = {i.id for i in pack.QSilkNode.define_schema().inputs}
+    attention_inputs = {i.id for i in pack.QSilkAttentionConfidenceNode.define_schema().inputs}
+    for field in dataclasses.fields(QSilkConfig):
+        name = field.name
+        if name.endswith("_window"):
+            assert {f"{name}_start", f"{name}_end"} <= qsilk_inputs
+        elif name == "attention_layers":  # diffusers module names: no ComfyUI equivalent (all calls are read)
+            continue
+        elif name.startswith("attention_"):
+            assert name.removeprefix("attention_") in attention_inputs
+        else:
+            assert name in qsilk_inputs, name
+
+
 def test_config_json_and_presets(model):
     patched = qsilk_node(model, config_json='{"clamp_quantile": 0.05, "confidence": null}')
     config = our_function(patched).config

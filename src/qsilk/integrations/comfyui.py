@@ -353,6 +353,17 @@ class QSilkPostCFG:
                 "attention_layers names diffusers modules and is ignored in ComfyUI: the attention node reads "
                 "every self-attention call",
             )
+        defaults = QSilkConfig()
+        moved = [
+            name
+            for name in ("attention_max_queries", "attention_max_heads", "attention_ema")
+            if getattr(self.config, name) != getattr(defaults, name)
+        ]
+        if moved:
+            self._warn_once(
+                "attention-options",
+                f"{', '.join(moved)} are inputs of the 'QSilk attention confidence' node in ComfyUI; set them there",
+            )
         self.reset()
 
     def __deepcopy__(self, memo: dict) -> QSilkPostCFG:  # see AttentionConfidence.__deepcopy__
