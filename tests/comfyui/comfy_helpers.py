@@ -84,3 +84,59 @@ def add_spy(model, calls: list):
     patched = model.clone()
     patched.set_model_sampler_post_cfg_function(spy)
     return patched
+
+
+FLUX_CONFIG = dict(
+    image_model="flux",
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=32,
+    context_in_dim=32,
+    hidden_size=64,
+    mlp_ratio=2.0,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=[8, 12, 12],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+)
+
+
+def tiny_flux():
+    """A tiny Flux (one double and one single block) ModelPatcher: ComfyUI's own Flux code, random weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(p[0].numel()))
+            elif name.endswith(("weight", "scale")):
+                p.fill_(1.0)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+    )
+
+
+def flux_sample(model, *, hw=(7, 10), steps=3, text_tokens=7):
+    """Flux dev style: CFG 1 with a guidance embedding, euler / simple."""
+    import nodes
+
+    generator = torch.Generator().manual_seed(2)
+    positive = [
+        [
+            torch.randn(1, text_tokens, 32, generator=generator),
+            {"pooled_output": torch.randn(1, 32, generator=generator), "guidance": 3.5},
+        ]
+    ]
+    negative = [[torch.zeros(1, text_tokens, 32), {"pooled_output": torch.zeros(1, 32), "guidance": 3.5}]]
+    latent = {"samples": torch.zeros(1, 16, *hw)}
+    (out,) = nodes.KSampler().sample(model, 0, steps, 1.0, "euler", "simple", positive, negative, latent)
+    return out["samples"]

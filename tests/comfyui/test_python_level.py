@@ -7,7 +7,7 @@ import copy
 import comfyui_qsilk as pack
 import pytest
 import torch
-from comfy_helpers import add_spy, ksample, tiny_sd15
+from comfy_helpers import add_spy, flux_sample, ksample, tiny_flux, tiny_sd15
 
 from qsilk import QSilk, QSilkConfig
 from qsilk.attention.entropy import attention_entropy, entropy_to_confidence, normalized_entropy
@@ -222,6 +222,37 @@ def test_attention_confidence_feeds_qsilk(model):
     assert torch.allclose(
         normalized_entropy(*attention_entropy(torch.ones(1, 2, 4), torch.ones(1, 3, 4))), torch.ones(1, 2)
     )
+
+
+def test_flux_cfg1_joint_attention_on_an_odd_non_square_latent():
+    flux = tiny_flux()
+    assert qc.model_layout(flux) == ("text_first", 2)
+    plain = flux_sample(flux)
+    seen = []
+
+    def spy_override(func, *args, **kwargs):
+        seen.append((args[0].clone(), args[1].clone()))
+        return func(*args, **kwargs)
+
+    base = flux.clone()
+    base.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = spy_override
+    attention = pack.QSilkAttentionConfidenceNode.execute(base, max_queries=10**6, max_heads=64, ema=0.0)[0]
+    recorder = qc.find_attention(attention.model_options)
+    assert torch.equal(flux_sample(attention, steps=1), flux_sample(flux, steps=1))
+    # 7x10 latent, 2x2 patches -> a 4x5 token grid (ComfyUI pads odd sides), after 7 text tokens
+    assert recorder.step_grids == [(4, 5), (4, 5)]  # the double and the single block
+    for (q, k), record in zip(seen, recorder.step_records, strict=True):
+        p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)[:, :, 7:]
+        expected = -(p * p.log()).sum(-1) / torch.log(torch.tensor(float(k.shape[-2]), dtype=torch.float64))
+        assert torch.allclose(record.normalized.double(), expected.view(1, q.shape[1], 4, 5), atol=1e-5)
+    patched = qsilk_node(
+        attention, confidence="attention", config_json='{"aqclip_tile": 2, "aqclip_stride": 1}'
+    )
+    out = flux_sample(patched)
+    function = our_function(patched)
+    assert not torch.equal(out, plain) and torch.isfinite(out).all()
+    assert [s["progress"] for s in function.stats] == [0.0, 0.5, 1.0]
+    assert function.last_confidence.shape == (1, 1, 7, 10)
 
 
 def test_preview_node_returns_images(model):
