@@ -23,8 +23,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-_BOOLS = ("clamp", "clamp_per_channel", "aqclip")
-_INTS = ("aqclip_tile", "aqclip_stride", "attention_max_queries", "attention_max_heads")
+_BOOLS = ("clamp", "clamp_per_channel", "aqclip", "aqclip_edge_gate")
+_INTS = ("attention_max_queries", "attention_max_heads")
+_INTS_OR_AUTO = ("aqclip_tile", "aqclip_stride")  # "auto": scale with the latent (qsilk.ops.auto_tile)
+AUTO = "auto"
 _FLOATS = (
     "clamp_quantile",
     "clamp_softness",
@@ -33,8 +35,9 @@ _FLOATS = (
     "aqclip_softness",
     "ema",
     "attention_ema",
+    "hf_restore",
 )
-_WINDOWS = ("clamp_window", "aqclip_window")
+_WINDOWS = ("clamp_window", "aqclip_window", "hf_restore_window")
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -47,6 +50,14 @@ def _int(value: Any, name: str) -> int:
     # Integral floats (16.0) are rejected too: one rule from Python and JSON alike, no silent truncation.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _int_or_auto(value: Any, name: str) -> int | str:
+    if value == AUTO and isinstance(value, str):
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f'{name} must be an integer or "auto", got {value!r}')
     return int(value)
 
 
@@ -82,12 +93,23 @@ class QSilkConfig:
     clamp_window: tuple[float, float] = (0.0, 1.0)
     # AQClip: per-tile, per-channel corridor centre +- (k_min + (k_max - k_min) * confidence) * std
     aqclip: bool = True
-    aqclip_tile: int = 16
-    aqclip_stride: int = 8
+    # tile / stride in latent pixels, or "auto": tile = min(H, W) // 4 clamped to [4, 16], stride = tile // 2 (16 / 8,
+    # i.e. unchanged, for 64x64 and larger latents; several tiles on small ones). "auto" stride: tile // 2.
+    aqclip_tile: int | str = 16
+    aqclip_stride: int | str = 8
     aqclip_k_min: float = 2.5
     aqclip_k_max: float = 4.5
     aqclip_softness: float = 0.25
     aqclip_window: tuple[float, float] = (0.0, 1.0)
+    # detail preservation (qsilk.ops.detail; off by default). Edge gate: give AQClip's change back where the
+    # confidence is high (linear from aqclip_edge_range[0] to fully kept original at [1]): only low-confidence
+    # outliers are clipped.
+    aqclip_edge_gate: bool = False
+    aqclip_edge_range: tuple[float, float] = (0.5, 0.9)
+    # High-frequency restore: out + hf_restore * highpass(x0 - out) in hf_restore_window (progress), i.e. keep the
+    # clip's low-frequency correction and give back the high-frequency energy it removed (0 = off, 1 = all).
+    hf_restore: float = 0.0
+    hf_restore_window: tuple[float, float] = (0.0, 1.0)
     # confidence source for AQClip: "structure" (gradient proxy), "attention" (entropy probe) or None (uniform)
     confidence: str | None = "structure"
     # EMA of the AQClip corridor across steps (0 = off)
@@ -106,6 +128,8 @@ class QSilkConfig:
             setattr(self, name, _bool(getattr(self, name), name))
         for name in _INTS:
             setattr(self, name, _int(getattr(self, name), name))
+        for name in _INTS_OR_AUTO:
+            setattr(self, name, _int_or_auto(getattr(self, name), name))
         for name in _FLOATS:
             setattr(self, name, _float(getattr(self, name), name))
         for name in _WINDOWS:
@@ -124,10 +148,22 @@ class QSilkConfig:
         for name in ("clamp_softness", "aqclip_softness"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.aqclip_tile < 1 or self.aqclip_stride < 1 or self.aqclip_stride > self.aqclip_tile:
+        tile, stride = self.aqclip_tile, self.aqclip_stride
+        if tile == AUTO and stride != AUTO:
             raise ValueError(
-                f"need 1 <= aqclip_stride <= aqclip_tile, got tile={self.aqclip_tile}, stride={self.aqclip_stride}"
+                f'aqclip_tile "auto" needs aqclip_stride "auto" too, got aqclip_stride={stride!r}'
             )
+        if tile != AUTO and (tile < 1 or (stride != AUTO and (stride < 1 or stride > tile))):
+            raise ValueError(f"need 1 <= aqclip_stride <= aqclip_tile, got tile={tile}, stride={stride}")
+        edge = self.aqclip_edge_range
+        if isinstance(edge, str | bytes) or not isinstance(edge, Sequence) or len(edge) != 2:
+            raise ValueError(f"aqclip_edge_range must be a pair [low, high] of confidences, got {edge!r}")
+        low, high = (_float(v, "aqclip_edge_range") for v in edge)
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"aqclip_edge_range must satisfy 0 <= low <= high <= 1, got {edge!r}")
+        self.aqclip_edge_range = (low, high)
+        if not 0.0 <= self.hf_restore <= 1.0:
+            raise ValueError(f"hf_restore must be in [0, 1], got {self.hf_restore!r}")
         if not 0 <= self.aqclip_k_min <= self.aqclip_k_max:
             raise ValueError(
                 f"need 0 <= aqclip_k_min <= aqclip_k_max, got {self.aqclip_k_min}, {self.aqclip_k_max}"

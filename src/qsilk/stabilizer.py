@@ -9,7 +9,16 @@ import warnings
 import torch
 
 from qsilk.config import QSilkConfig
-from qsilk.ops import apply_corridor, aqclip_corridor, micro_clamp, resize_confidence, structure_confidence
+from qsilk.ops import (
+    apply_corridor,
+    aqclip_corridor,
+    edge_gate,
+    micro_clamp,
+    resize_confidence,
+    resolve_tile,
+    restore_high_frequencies,
+    structure_confidence,
+)
 from qsilk.ops._checks import check_latent
 
 STAT_KEYS = (
@@ -187,6 +196,7 @@ class QSilk:
             for name, on, window in (
                 ("clamp_window", cfg.clamp, cfg.clamp_window),
                 ("aqclip_window", cfg.aqclip, cfg.aqclip_window),
+                ("hf_restore_window", cfg.hf_restore > 0, cfg.hf_restore_window),
             )
             if on and window != (0.0, 1.0)
         ]
@@ -230,15 +240,19 @@ class QSilk:
         out, conf = clamped, None
         if aqclip_on:
             conf = self.confidence_map(clamped, confidence)
-            centre, half = aqclip_corridor(
-                clamped, conf, cfg.aqclip_tile, cfg.aqclip_stride, cfg.aqclip_k_min, cfg.aqclip_k_max
-            )
+            tile, stride = resolve_tile(cfg.aqclip_tile, cfg.aqclip_stride, *clamped.shape[-2:])
+            centre, half = aqclip_corridor(clamped, conf, tile, stride, cfg.aqclip_k_min, cfg.aqclip_k_max)
             if cfg.ema > 0 and self._corridor is not None and self._corridor[0].shape == centre.shape:
                 prev_centre, prev_half = self._corridor
                 centre = cfg.ema * prev_centre + (1 - cfg.ema) * centre
                 half = cfg.ema * prev_half + (1 - cfg.ema) * half
             self._corridor = (centre, half)
             out = apply_corridor(clamped, centre, half, cfg.aqclip_softness)
+            if cfg.aqclip_edge_gate and out is not clamped:
+                gate = conf if conf is not None else structure_confidence(clamped)
+                out = edge_gate(clamped, out, gate, *cfg.aqclip_edge_range)
+        if cfg.hf_restore > 0 and out is not x0 and _in_window(cfg.hf_restore_window, p):
+            out = restore_high_frequencies(x0, out, cfg.hf_restore)
         self.last_confidence = conf
         self._record(x0, clamped, out, clamp_on, aqclip_on, conf)
         return out

@@ -34,6 +34,29 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+AUTO = "auto"
+
+
+def auto_tile(height: int, width: int) -> tuple[int, int]:
+    """The tile and stride ``"auto"`` picks for an ``height`` x ``width`` latent: tile = min(H, W) // 4 clamped to
+    [4, 16] (never beyond the latent), stride = tile // 2. 64x64 and larger latents (SD) get today's 16 / 8; the
+    16x16 demo latent gets 4 / 2 (7 x 7 tiles) instead of a single 16-tile."""
+    tile = min(max(min(height, width) // 4, 4), 16, min(height, width))
+    return tile, max(1, tile // 2)
+
+
+def resolve_tile(tile: int | str, stride: int | str, height: int, width: int) -> tuple[int, int]:
+    """Integer (tile, stride) for a latent of ``height`` x ``width``: ``"auto"`` tile -> :func:`auto_tile` (its
+    stride must be ``"auto"`` too); ``"auto"`` stride with an integer tile -> tile // 2."""
+    if tile == AUTO:
+        if stride != AUTO:
+            raise ValueError(f"an 'auto' tile needs an 'auto' stride too, got stride={stride!r}")
+        return auto_tile(height, width)
+    if stride == AUTO:
+        return tile, max(1, _index(tile, "tile") // 2)
+    return tile, stride
+
+
 @functools.lru_cache(maxsize=64)
 def _axis_matrices(
     size: int, tile: int, stride: int, device: torch.device

@@ -108,6 +108,10 @@ def _qsilk(**changes) -> Callable[[float], QSilkConfig]:
     return lambda cfg: QSilkConfig().replace(**changes)
 
 
+_STRONG = {"clamp_quantile": 0.01, "aqclip_k_min": 1.5, "aqclip_k_max": 3.0}
+_AUTO = {"aqclip_tile": "auto", "aqclip_stride": "auto"}
+
+
 def _guider_part(name: str, summary: str, build) -> Part:
     return Part("guider", name, summary, build, lambda cfg: _guider_record(build(cfg)))
 
@@ -148,6 +152,13 @@ PARTS: dict[str, Part] = {
         _qsilk_part("qsilk-uniform", "QSilk with uniform AQClip confidence", _qsilk(confidence=None)),
         _qsilk_part("qsilk-attention", "QSilk with attention-entropy confidence", _qsilk(confidence="attention")),
         _qsilk_part("qsilk-tile8", "QSilk defaults, AQClip tiles 8 stride 4", _qsilk(aqclip_tile=8, aqclip_stride=4)),
+        # issue 8 item 4 (tuning): tiles that scale with the latent, and the detail-preserving variants (qsilk.ops.detail)
+        _qsilk_part("qsilk-auto", "QSilk defaults, AQClip tile/stride auto (4/2 on 16x16)", _qsilk(**_AUTO)),
+        _qsilk_part("qsilk-strong-auto", "QSilk strong, AQClip tile/stride auto", _qsilk(**_STRONG, **_AUTO)),
+        _qsilk_part("qsilk-strong-auto-gate", "QSilk strong, auto tiles, edge-gated AQClip (confidence 0.5-0.9)",
+                    _qsilk(**_STRONG, **_AUTO, aqclip_edge_gate=True)),  # fmt: skip
+        _qsilk_part("qsilk-strong-auto-hf", "QSilk strong, auto tiles, HF restore 1.0 in the second half",
+                    _qsilk(**_STRONG, **_AUTO, hf_restore=1.0, hf_restore_window=(0.5, 1.0))),  # fmt: skip
     ]
 }
 
