@@ -7,8 +7,11 @@ only declare inputs and call it. Install: link or copy this folder into ``ComfyU
 
 from __future__ import annotations
 
+import dataclasses
+
 try:
     from qsilk import QSilkConfig
+    from qsilk import config as qsilk_config
     from qsilk.integrations import comfyui as qc
 except ImportError as err:  # pragma: no cover - reported by ComfyUI's custom-node loader
     raise ImportError(
@@ -20,6 +23,13 @@ from comfy_api.latest import ComfyExtension, io
 
 DEFAULTS = QSilkConfig()
 CATEGORY = "sampling/qsilk"
+ATTENTION_FIELDS = ("attention_layers", "attention_max_queries", "attention_max_heads", "attention_ema")
+PAIR_TOOLTIPS = {
+    "clamp_window": "The micro-clamp acts from / up to this point of the schedule (0 = first step, 1 = last).",
+    "aqclip_window": "AQClip acts from / up to this point of the schedule (0 = first step, 1 = last).",
+    "hf_restore_window": "The high-frequency restore acts from / up to this point of the schedule.",
+    "aqclip_edge_range": "Edge gate: AQClip's change is kept below the first confidence, given back above the second.",
+}
 
 
 def _preset_names() -> list[str]:
@@ -27,53 +37,172 @@ def _preset_names() -> list[str]:
     return ["custom", *[n for n in names if n != "custom"]]
 
 
-def _window(prefix: str, window: tuple[float, float], what: str) -> list[io.Input]:
-    return [
-        io.Float.Input(
-            f"{prefix}_window_start",
-            default=window[0],
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip=f"{what} acts from this point of the schedule on (0 = first step, 1 = last step).",
-        ),
-        io.Float.Input(
-            f"{prefix}_window_end",
-            default=window[1],
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip=f"{what} acts up to this point of the schedule (0 = first step, 1 = last step).",
-        ),
-    ]
+def _float(name: str, default: float, low: float, high: float, step: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=low, max=high, step=step, tooltip=tooltip)
 
 
-CONFIG_WIDGETS = [
+def _bool(name: str, default: bool, tooltip: str) -> io.Boolean.Input:
+    return io.Boolean.Input(name, default=default, tooltip=tooltip)
+
+
+def _combo(name: str, options: list[str], default: str, tooltip: str) -> io.Combo.Input:
+    return io.Combo.Input(name, options=options, default=default, tooltip=tooltip)
+
+
+def _field_inputs(name: str, value) -> list[io.Input]:
+    """The widget(s) of one QSilkConfig field, with its range and tooltip."""
+    if name in qc.pair_fields():
+        tip = PAIR_TOOLTIPS.get(name, f"{name}: (low, high), both in [0, 1].")
+        return [
+            _float(f"{name}_start", value[0], 0.0, 1.0, 0.01, tip),
+            _float(f"{name}_end", value[1], 0.0, 1.0, 0.01, tip),
+        ]
+    tile_default = value if isinstance(value, int) else None
+    specs = {
+        "clamp": lambda: _bool(name, value, "Micro-clamp on/off."),
+        "clamp_quantile": lambda: _float(
+            name,
+            value,
+            0.0001,
+            0.49,
+            0.0001,
+            "Per-sample corridor [Q_q, Q_(1-q)] of x0; smaller q touches less.",
+        ),
+        "clamp_mode": lambda: _combo(
+            name,
+            ["soft", "hard"],
+            value,
+            "soft: smooth bounded saturation outside the corridor; hard: clamp.",
+        ),
+        "clamp_per_channel": lambda: _bool(
+            name, value, "One corridor per latent channel instead of per sample."
+        ),
+        "clamp_softness": lambda: _float(
+            name,
+            value,
+            0.0,
+            2.0,
+            0.01,
+            "Soft mode: saturation margin, as a fraction of the corridor half-width.",
+        ),
+        "aqclip": lambda: _bool(name, value, "AQClip (adaptive per-tile corridor) on/off."),
+        "aqclip_tile": lambda: io.Int.Input(
+            name,
+            default=tile_default or 16,
+            min=1,
+            max=256,
+            tooltip="Tile size in latent pixels (local mean/std).",
+        ),
+        "aqclip_stride": lambda: io.Int.Input(
+            name,
+            default=tile_default or 8,
+            min=1,
+            max=256,
+            tooltip="Tile stride in latent pixels (<= the tile).",
+        ),
+        "aqclip_k_min": lambda: _float(
+            name,
+            value,
+            0.0,
+            20.0,
+            0.05,
+            "Corridor half-width in local std where confidence is 0 (narrowest).",
+        ),
+        "aqclip_k_max": lambda: _float(
+            name, value, 0.0, 20.0, 0.05, "Corridor half-width in local std where confidence is 1 (widest)."
+        ),
+        "aqclip_softness": lambda: _float(
+            name, value, 0.0, 2.0, 0.01, "Saturation margin, as a fraction of the AQClip corridor half-width."
+        ),
+        "aqclip_edge_gate": lambda: _bool(
+            name, value, "Give AQClip's change back where the confidence is high (see aqclip_edge_range)."
+        ),
+        "hf_restore": lambda: _float(
+            name, value, 0.0, 1.0, 0.01, "Give back this share of the high-frequency energy the clip removed."
+        ),
+        "confidence": lambda: _combo(
+            name,
+            ["structure", "attention", "uniform"],
+            value or "uniform",
+            "Where the corridor widens: structure (gradient energy of x0), attention (needs the "
+            "'QSilk attention confidence' node on the model) or uniform.",
+        ),
+        "ema": lambda: _float(
+            name, value, 0.0, 0.99, 0.01, "EMA of the AQClip corridor across steps (0 = off)."
+        ),
+        "placement": lambda: _combo(
+            name,
+            ["x0", "final"],
+            value,
+            "x0: every step's guided x0; final: only the last step's (reference).",
+        ),
+    }
+    if name in specs:
+        return [specs[name]()]
+    # a field this pack does not know yet: a plain widget of its type, so it is still settable
+    if isinstance(value, bool):
+        return [_bool(name, value, name)]
+    if isinstance(value, int):
+        return [io.Int.Input(name, default=value, tooltip=name)]
+    if isinstance(value, float):
+        return [io.Float.Input(name, default=value, step=0.01, tooltip=name)]
+    return []  # other types: through config_json
+
+
+# The first release's options, in a fixed order. UI-format workflows store widget values by position, so options
+# added to QSilkConfig later are appended after config_json (see config_inputs), never inserted before it.
+STABLE_FIELDS = (
     "clamp",
     "clamp_quantile",
     "clamp_mode",
     "clamp_per_channel",
     "clamp_softness",
-    "clamp_window_start",
-    "clamp_window_end",
+    "clamp_window",
     "aqclip",
     "aqclip_tile",
     "aqclip_stride",
     "aqclip_k_min",
     "aqclip_k_max",
     "aqclip_softness",
-    "aqclip_window_start",
-    "aqclip_window_end",
+    "aqclip_window",
     "confidence",
     "ema",
     "placement",
-]
+)
+
+
+def _optional(inputs: list[io.Input]) -> list[io.Input]:
+    # optional: a workflow that omits an option (e.g. one saved before it existed) gets the config default
+    for item in inputs:
+        item.optional = True
+    return inputs
+
+
+def config_inputs() -> tuple[list[io.Input], list[io.Input]]:
+    """(stable, newer) widgets: one per QSilkConfig option (pairs as two); attention_* are on the attention
+    node."""
+    names = [f.name for f in dataclasses.fields(QSilkConfig) if f.name not in ATTENTION_FIELDS]
+    stable = [
+        w for name in STABLE_FIELDS if name in names for w in _field_inputs(name, getattr(DEFAULTS, name))
+    ]
+    newer = [
+        w for name in names if name not in STABLE_FIELDS for w in _field_inputs(name, getattr(DEFAULTS, name))
+    ]
+    if getattr(qsilk_config, "AUTO", None):
+        newer.append(
+            _bool(
+                "aqclip_auto_tile",
+                DEFAULTS.aqclip_tile == "auto",
+                "Tile and stride scale with the latent size (overrides aqclip_tile and aqclip_stride).",
+            )
+        )
+    return _optional(stable), _optional(newer)
 
 
 class QSilkNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        d = DEFAULTS
+        stable, newer = config_inputs()
         return io.Schema(
             node_id="QSilk",
             display_name="QSilk (micro-clamp + AQClip)",
@@ -84,112 +213,20 @@ class QSilkNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input(
+                _combo(
                     "preset",
-                    options=_preset_names(),
-                    default="custom",
-                    tooltip="A named preset shipped with qsilk; 'custom' uses the widgets below.",
+                    _preset_names(),
+                    "custom",
+                    "A preset shipped with qsilk; 'custom' uses the widgets.",
                 ),
-                io.Boolean.Input("clamp", default=d.clamp, tooltip="Micro-clamp on/off."),
-                io.Float.Input(
-                    "clamp_quantile",
-                    default=d.clamp_quantile,
-                    min=0.0001,
-                    max=0.49,
-                    step=0.0001,
-                    tooltip="Per-sample corridor [Q_q, Q_(1-q)] over all values of x0; smaller q touches fewer values.",
-                ),
-                io.Combo.Input(
-                    "clamp_mode",
-                    options=["soft", "hard"],
-                    default=d.clamp_mode,
-                    tooltip="soft: smooth bounded saturation outside the corridor; hard: clamp to it.",
-                ),
-                io.Boolean.Input(
-                    "clamp_per_channel",
-                    default=d.clamp_per_channel,
-                    tooltip="One corridor per latent channel instead of one per sample.",
-                ),
-                io.Float.Input(
-                    "clamp_softness",
-                    default=d.clamp_softness,
-                    min=0.0,
-                    max=2.0,
-                    step=0.01,
-                    tooltip="Soft mode: saturation margin as a fraction of the corridor half-width.",
-                ),
-                *_window("clamp", d.clamp_window, "The micro-clamp"),
-                io.Boolean.Input(
-                    "aqclip", default=d.aqclip, tooltip="AQClip (adaptive per-tile corridor) on/off."
-                ),
-                io.Int.Input(
-                    "aqclip_tile",
-                    default=d.aqclip_tile,
-                    min=1,
-                    max=256,
-                    tooltip="Tile size in latent pixels for the local mean/std.",
-                ),
-                io.Int.Input(
-                    "aqclip_stride",
-                    default=d.aqclip_stride,
-                    min=1,
-                    max=256,
-                    tooltip="Tile stride in latent pixels (must not exceed the tile).",
-                ),
-                io.Float.Input(
-                    "aqclip_k_min",
-                    default=d.aqclip_k_min,
-                    min=0.0,
-                    max=20.0,
-                    step=0.05,
-                    tooltip="Corridor half-width in local std where confidence is 0 (narrowest).",
-                ),
-                io.Float.Input(
-                    "aqclip_k_max",
-                    default=d.aqclip_k_max,
-                    min=0.0,
-                    max=20.0,
-                    step=0.05,
-                    tooltip="Corridor half-width in local std where confidence is 1 (widest); >= k_min.",
-                ),
-                io.Float.Input(
-                    "aqclip_softness",
-                    default=d.aqclip_softness,
-                    min=0.0,
-                    max=2.0,
-                    step=0.01,
-                    tooltip="Saturation margin as a fraction of the AQClip corridor half-width.",
-                ),
-                *_window("aqclip", d.aqclip_window, "AQClip"),
-                io.Combo.Input(
-                    "confidence",
-                    options=["structure", "attention", "uniform"],
-                    default=d.confidence or "uniform",
-                    tooltip=(
-                        "Where the corridor widens: structure (gradient energy of x0), attention (needs the "
-                        "'QSilk attention confidence' node on the model) or uniform."
-                    ),
-                ),
-                io.Float.Input(
-                    "ema",
-                    default=d.ema,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="EMA of the AQClip corridor across steps (0 = off).",
-                ),
-                io.Combo.Input(
-                    "placement",
-                    options=["x0", "final"],
-                    default=d.placement,
-                    tooltip="x0: every step's guided x0; final: only the last step's (the reference placement).",
-                ),
+                *stable,
                 io.String.Input(
                     "config_json",
                     default="",
                     multiline=True,
                     tooltip="Optional QSilkConfig JSON; the keys it sets override the widgets (or the preset).",
                 ),
+                *newer,
             ],
             outputs=[io.Model.Output()],
         )
@@ -205,8 +242,7 @@ class QSilkNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, preset: str, config_json: str, **widgets) -> io.NodeOutput:
-        values = {name: widgets[name] for name in CONFIG_WIDGETS if name in widgets}
-        config = qc.config_from_inputs(values, config_json, preset)
+        config = qc.config_from_inputs(widgets, config_json, preset)
         patched, _ = qc.patch_model(model, config)
         return io.NodeOutput(patched)
 

@@ -196,3 +196,23 @@ def test_map_to_image_and_preview():
 def test_attention_options_in_the_qsilk_config_point_to_the_attention_node():
     with pytest.warns(RuntimeWarning, match="attention confidence' node"):
         qc.QSilkPostCFG(QSilkConfig(attention_max_queries=64))
+
+
+def test_config_from_inputs_pairs_follow_the_config():
+    import dataclasses
+
+    from qsilk import config as qsilk_config
+
+    pairs = qc.pair_fields()
+    assert {"clamp_window", "aqclip_window"} <= set(pairs)
+    for name in pairs:  # every (low, high) field of QSilkConfig round-trips through _start / _end widgets
+        config = qc.config_from_inputs({f"{name}_start": 0.25, f"{name}_end": 0.75})
+        assert getattr(config, name) == (0.25, 0.75)
+    assert all(isinstance(getattr(QSilkConfig(), n), tuple) for n in pairs)
+    assert len(pairs) == sum(
+        isinstance(getattr(QSilkConfig(), f.name), tuple) and len(getattr(QSilkConfig(), f.name)) == 2
+        for f in dataclasses.fields(QSilkConfig)
+    )
+    if getattr(qsilk_config, "AUTO", None):
+        config = qc.config_from_inputs({"aqclip_tile": 4, "aqclip_stride": 2, "aqclip_auto_tile": True})
+        assert config.aqclip_tile == config.aqclip_stride == "auto"

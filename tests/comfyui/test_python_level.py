@@ -274,7 +274,7 @@ def test_every_config_option_is_a_node_input():
     attention_inputs = {i.id for i in pack.QSilkAttentionConfidenceNode.define_schema().inputs}
     for field in dataclasses.fields(QSilkConfig):
         name = field.name
-        if name.endswith("_window"):
+        if name in qc.pair_fields():
             assert {f"{name}_start", f"{name}_end"} <= qsilk_inputs
         elif name == "attention_layers":  # diffusers module names: no ComfyUI equivalent (all calls are read)
             continue

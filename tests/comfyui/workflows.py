@@ -200,8 +200,9 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
                 inputs.append(
                     {"name": name, "type": kind if not _is_widget(spec) else spec[0], "link": link_id}
                 )
-            elif _is_widget(spec):
-                widgets.append(value)
+            elif _is_widget(spec):  # an omitted (optional) widget shows its default, as the frontend does
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                widgets.append(value if name in node["inputs"] else options.get("default"))
                 if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
                     widgets.append("fixed")
         nodes.append({"key": key, "info": info, "inputs": inputs, "widgets": widgets})

@@ -19,6 +19,7 @@ post-CFG function, the arguments of an attention call) and use only the hook con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ ATTENTION_KEY = "qsilk_attention_confidence"
 #: ``ModelPatcher.add_wrapper_with_key`` type and key of the latent-grid wrapper (comfy.patcher_extension.WrappersMP).
 APPLY_MODEL_WRAPPER = "apply_model"
 WRAPPER_KEY = "qsilk_attention"
+_DEFAULTS = QSilkConfig()
 #: ComfyUI's ``cond_or_uncond`` marks conditional batch chunks with 0 and unconditional ones with 1.
 COND = 0
 
@@ -353,11 +355,10 @@ class QSilkPostCFG:
                 "attention_layers names diffusers modules and is ignored in ComfyUI: the attention node reads "
                 "every self-attention call",
             )
-        defaults = QSilkConfig()
         moved = [
             name
             for name in ("attention_max_queries", "attention_max_heads", "attention_ema")
-            if getattr(self.config, name) != getattr(defaults, name)
+            if getattr(self.config, name) != getattr(_DEFAULTS, name)
         ]
         if moved:
             self._warn_once(
@@ -457,15 +458,25 @@ def patch_model(model: Any, config: QSilkConfig | None = None) -> tuple[Any, QSi
 # -- configs from node inputs ---------------------------------------------------------------------------------------------
 
 
+def pair_fields() -> tuple[str, ...]:
+    """QSilkConfig fields holding a (low, high) pair: node inputs ``{name}_start`` and ``{name}_end``."""
+    return tuple(
+        f.name
+        for f in dataclasses.fields(QSilkConfig)
+        if isinstance(getattr(_DEFAULTS, f.name), tuple) and len(getattr(_DEFAULTS, f.name)) == 2
+    )
+
+
 def config_from_inputs(
     values: dict[str, Any], config_json: str = "", preset: str | None = None
 ) -> QSilkConfig:
     """A QSilkConfig from node inputs: the widget values, or a named preset instead of them, then the keys the
     JSON sets on top (so a study's tuned config pastes in whole or in part).
 
-    ``values`` uses QSilkConfig field names, with windows as ``*_window_start`` / ``*_window_end`` and
-    ``confidence="uniform"`` for None. ``preset`` None, "" or "custom" means the widgets. Raises ValueError
-    (unknown key or preset, value out of range, malformed JSON) with one message.
+    ``values`` uses QSilkConfig field names, with pairs (windows, ranges) as ``{name}_start`` / ``{name}_end``,
+    ``confidence="uniform"`` for None and ``aqclip_auto_tile=True`` for tile and stride "auto". ``preset`` None,
+    "" or "custom" means the widgets. Raises ValueError (unknown key or preset, value out of range, malformed
+    JSON) with one message.
     """
     if preset not in (None, "", "custom"):
         if not hasattr(QSilkConfig, "preset"):
@@ -473,11 +484,14 @@ def config_from_inputs(
         data = QSilkConfig.preset(preset).to_dict()
     else:
         data = dict(values)
-        for name in ("clamp_window", "aqclip_window"):
+        for name in pair_fields():
             if f"{name}_start" in data or f"{name}_end" in data:
-                data[name] = (data.pop(f"{name}_start", 0.0), data.pop(f"{name}_end", 1.0))
+                default = getattr(_DEFAULTS, name)
+                data[name] = (data.pop(f"{name}_start", default[0]), data.pop(f"{name}_end", default[1]))
         if data.get("confidence") == "uniform":
             data["confidence"] = None
+        if data.pop("aqclip_auto_tile", False):
+            data["aqclip_tile"] = data["aqclip_stride"] = "auto"
     if config_json and config_json.strip():
         data.update(_json_keys(config_json))
     return QSilkConfig.from_dict(data)
