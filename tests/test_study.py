@@ -195,6 +195,8 @@ def test_tiny_study_writes_results_and_report(finished):
     assert csv_lines[0].startswith("scheduler,steps,cfg,method,metric,key,value")
     baselines = [c for c in results["cells"] if c["method"] == "cfg"]
     assert len(csv_lines) == 1 + len(rows) + sum(len(c["scores"]) for c in baselines)
+    provenance = json.loads((finished / "provenance.json").read_text())
+    assert set(provenance["code"]) == set(keys) and all(v[0]["qsilk"] for v in provenance["code"].values())
     page = (finished / "report" / "index.html").read_text()
     assert "Differences to plain CFG" in page and "corner-grid.png" in page
     for name in ("corner-grid.png", "corner-spectra.png", "delta-dpm-spectral-spectral_hf_gap.png"):
@@ -283,6 +285,9 @@ def test_cells_metrics_and_n_grow_to_the_same_numbers(finished, study_env, tmp_p
     assert (out / "results.csv").read_bytes() == (finished / "results.csv").read_bytes()
     grown, full = (json.loads((d / "results.json").read_text()) for d in (out, finished))
     assert len(grown["study"].pop("blocks")) == 2 and len(full["study"].pop("blocks")) == 1  # how it was asked
+    assert grown["study"] == full["study"]
+    assert grown["cells"] == full["cells"]
+    assert grown["comparisons"] == full["comparisons"]
     assert grown == full
 
 

@@ -100,6 +100,9 @@ def write_outputs(study: Study, report: bool = True) -> dict[str, Any]:
         if study.cell_complete(cell):
             timings[cell.key] = study.cell_seconds(cell) / study.spec.n
     atomic_write_text(out / "timings.json", json.dumps({"seconds_per_image": timings}, indent=1, sort_keys=True) + "\n")
+    code = {c.key: study.cell_code(c) for c in study.spec.cells() if study.cell_complete(c)}
+    mixed = sorted(k for k, v in code.items() if len(v) > 1)
+    atomic_write_text(out / "provenance.json", json.dumps({"code": code, "mixed_code_cells": mixed}, indent=1, sort_keys=True) + "\n")
     if report:
         write_report(study, results, timings)
     return results

@@ -127,6 +127,25 @@ def metric_key(name: str) -> str:
     return name.replace(":", "/")
 
 
+def code_version() -> dict[str, Any]:
+    """The qsilk code that made a chunk: package version, and the git commit (+ whether src/ had uncommitted
+    edits) when running from a checkout. Kept in chunk metadata and provenance.json, not in results.json."""
+    import subprocess
+
+    import qsilk
+
+    info: dict[str, Any] = {"qsilk": getattr(qsilk, "__version__", "unknown")}
+    root = Path(__file__).resolve().parents[3]
+    if (root / ".git").exists():
+        try:
+            run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=30).stdout  # noqa: E731
+            info["git"] = run("rev-parse", "HEAD").strip()
+            info["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no", "--", "src").strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return info
+
+
 def _dist_state():
     """accelerate's process state when launched by ``accelerate launch`` (or torchrun), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -162,6 +181,7 @@ class Study:
         self.rank = self.state.process_index if self.state else 0
         self.world = self.state.num_processes if self.state else 1
         self._base_scheduler_config = None
+        self.code = json.dumps(code_version(), sort_keys=True)
 
     # -- lazily built pieces -------------------------------------------------------------------------------------------
 
@@ -355,7 +375,7 @@ class Study:
                     raise ValueError(f"cell {cell.key}: non-finite images in samples {start}..{start + count - 1}")
                 images_u8 = to_uint8(images)
                 tensors = {"images": images_u8, **self._features(images_u8, self.spec.metrics)}
-                meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True)}
+                meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True), "code": self.code}
                 atomic_save(self.unit_path(unit), tensors, metadata=meta)
                 bar.update(f"{cell.key} {start}")
 
@@ -382,6 +402,16 @@ class Study:
             with safe_open(str(self.cell_dir(cell) / chunk_name(start, count)), "pt") as f:
                 total += float(f.metadata()["seconds"])
         return total
+
+    def cell_code(self, cell: Cell) -> list[dict]:
+        """The distinct code versions that made a cell's chunks (more than one: the cell mixes code versions)."""
+        seen = []
+        for start, count in self.spec.chunks():
+            with safe_open(str(self.cell_dir(cell) / chunk_name(start, count)), "pt") as f:
+                code = json.loads(f.metadata().get("code", "{}"))
+            if code not in seen:
+                seen.append(code)
+        return seen
 
     def cell_record(self, cell: Cell) -> dict:
         start, count = self.spec.chunks()[0]
