@@ -112,11 +112,13 @@ def _cached(path: Path, n: int | None, compute) -> dict[str, torch.Tensor]:
     return feats
 
 
-def arm_features(out: Path, arm: str, judge: str | None = None, batch: int = 100) -> dict[str, torch.Tensor]:
+def arm_features(
+    out: Path, arm: str, judge: str | None = None, batch: int = 100, inception: bool = True
+) -> dict[str, torch.Tensor]:
     """Inception features, and the judge's log-probs / correctness / in-domain features, per image (cached)."""
     images, labels = load_arm(out, arm)
 
-    def inception():
+    def inception_features():
         from qsilk.eval.metrics import InceptionFID
 
         metric = InceptionFID()
@@ -145,7 +147,11 @@ def arm_features(out: Path, arm: str, judge: str | None = None, batch: int = 100
             "fmnist": torch.cat(fm),
         }
 
-    feats = dict(_cached(out / arm / "inception.safetensors", len(images), inception))
+    feats = (
+        dict(_cached(out / arm / "inception.safetensors", len(images), inception_features))
+        if inception
+        else {}
+    )
     feats.update(_cached(out / arm / f"judge_{_judge_tag(judge)}.safetensors", len(images), judged))
     return feats
 
@@ -184,7 +190,7 @@ def reference_features(
     return feats
 
 
-def inception_only(out: Path, arms: list[str], n_ref: int, batch: int = 100) -> None:
+def inception_only(out: Path, arms: list[str], n_ref: int, batch: int = 100, reference: bool = True) -> None:
     """The judge-independent part (Inception features of the reference and the arms), to run ahead."""
     from qsilk.eval.metrics import InceptionFID
 
@@ -193,8 +199,9 @@ def inception_only(out: Path, arms: list[str], n_ref: int, batch: int = 100) -> 
         return {"inception": torch.cat([metric.features(x[i : i + batch]) for i in range(0, len(x), batch)])}
 
     out.mkdir(parents=True, exist_ok=True)
-    _cached(out / f"reference_{n_ref}_inception.safetensors", n_ref, ref)
-    print("reference inception done", flush=True)
+    if reference:
+        _cached(out / f"reference_{n_ref}_inception.safetensors", n_ref, ref)
+        print("reference inception done", flush=True)
     for arm in arms:
         images, _ = load_arm(out, arm)
         metric = InceptionFID()
@@ -255,7 +262,13 @@ def paired_bootstrap(stat, base: dict, arm: dict, n: int, reps: int, seed: int =
 
 
 def report(
-    out: Path, arms: list[str], n_ref: int, reps: int, reps_frechet: int, judge: str | None = None
+    out: Path,
+    arms: list[str],
+    n_ref: int,
+    reps: int,
+    reps_frechet: int,
+    judge: str | None = None,
+    judge_only: tuple[str, ...] = (),
 ) -> dict:
     ref = reference_features(out, n_ref, judge)
     base_name, others = arms[0], arms[1:]
@@ -270,7 +283,7 @@ def report(
         "arms": {},
     }
     for name in others:
-        arm = arm_features(out, name, judge)
+        arm = arm_features(out, name, judge, inception=name not in judge_only)
         if not torch.equal(arm["labels"], base["labels"]):
             raise ValueError(f"arms {base_name} and {name} do not hold the same seeds/classes")
         n = len(base["labels"])
@@ -279,11 +292,12 @@ def report(
                 lambda f, i: float(f["judge_correct"][i].mean()), base, arm, n, reps
             ),
             "judge_logp": paired_bootstrap(lambda f, i: float(f["judge_logp"][i].mean()), base, arm, n, reps),
-            "fid_inception": paired_bootstrap(
-                lambda f, i: fid(f["inception"][i]), base, arm, n, reps_frechet
-            ),
             "fd_fmnist": paired_bootstrap(lambda f, i: fd(f["fmnist"][i]), base, arm, n, reps_frechet),
         }
+        if name not in judge_only:
+            result["arms"][name]["fid_inception"] = paired_bootstrap(
+                lambda f, i: fid(f["inception"][i]), base, arm, n, reps_frechet
+            )
     atomic_write_bytes(out / "report.json", json.dumps(result, indent=2).encode())
     return result
 
@@ -306,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("stage", choices=["sample", "inception", "report", "figure"])
     parser.add_argument("--figure", default="docs/images/qrm-demo.png")
+    parser.add_argument("--skip-reference", action="store_true", help="inception stage: the arms only")
+    parser.add_argument(
+        "--judge-only", nargs="*", default=[], help="report: arms scored without Inception FID"
+    )
     parser.add_argument(
         "--judge", default=None, help="judge weights folder or checkpoint (default: the shipped one)"
     )
@@ -330,10 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "figure":
         print(figure(out, args.arms, Path(args.figure)))
     elif args.stage == "inception":
-        inception_only(out, args.arms, args.n_ref)
+        inception_only(out, args.arms, args.n_ref, reference=not args.skip_reference)
     else:
         print(
-            json.dumps(report(out, args.arms, args.n_ref, args.reps, args.reps_frechet, args.judge), indent=2)
+            json.dumps(
+                report(
+                    out,
+                    args.arms,
+                    args.n_ref,
+                    args.reps,
+                    args.reps_frechet,
+                    args.judge,
+                    tuple(args.judge_only),
+                ),
+                indent=2,
+            )
         )
     return 0
 
