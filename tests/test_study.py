@@ -203,6 +203,16 @@ def test_tiny_study_writes_results_and_report(finished):
         assert (finished / "report" / name).stat().st_size > 1000
 
 
+def test_markdown_tables_of_a_finished_study(finished, capsys):
+    from qsilk.study.__main__ import main
+
+    assert main(["--out", str(finished), "--table", "fd_pool", "spectral_hf_gap"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("| plain CFG (value) |") == 2  # 2 and 6 steps
+    assert "| cfg-guider | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in text
+    assert "| method | fd_pool | spectral_hf_gap |" in text
+
+
 def test_stored_images_reproduce_with_the_pipeline(finished, study_env):
     from safetensors.torch import load_file
 

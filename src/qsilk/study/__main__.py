@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="only (re)write results and report from the folder")
     p.add_argument("--no-report", action="store_true", help="write results.json/.csv but no HTML report")
     p.add_argument("--list", action="store_true", help="list the method parts and exit")
+    p.add_argument("--table", nargs="*", metavar="KEY",
+                   help="print Markdown tables of <out>/results.json (headline keys, or these) and exit")  # fmt: skip
     return p
 
 
@@ -104,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.out is None:
             raise ValueError("--out is required")
+        if args.table is not None:
+            from .report import HEADLINE, markdown
+
+            path = args.out / "results.json"
+            if not path.exists():
+                raise ValueError(f"no results at {path}")
+            print(markdown(json.loads(path.read_text()), tuple(args.table) or HEADLINE))
+            return 0
         spec = spec_from_args(args)
         from .runner import Study
 

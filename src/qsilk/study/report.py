@@ -125,6 +125,33 @@ def to_csv(results: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+def markdown(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
+    """Markdown tables per (scheduler, steps, CFG): plain CFG's value, then each method's delta [95 % CI]
+    (bold: the interval excludes 0)."""
+    present = [k for k in keys if any(r["key"] == k for r in results["comparisons"])]
+    base = {(c["scheduler"], c["steps"], c["cfg"]): {k.partition(".")[2]: v for k, v in c["scores"].items()}
+            for c in results["cells"] if c["method"] == BASELINE}  # fmt: skip
+    out = []
+    for group in sorted(base):
+        rows = [r for r in results["comparisons"] if (r["scheduler"], r["steps"], r["cfg"]) == group and r["key"] in present]
+        out.append(f"**{group[0]}, {group[1]} steps, CFG {group[2]:g}** (n = {results['n']} paired samples)\n")
+        out.append("| method | " + " | ".join(present) + " |")
+        out.append("|---" * (len(present) + 1) + "|")
+        out.append("| plain CFG (value) | " + " | ".join(_fmt(base[group].get(k)) for k in present) + " |")
+        for method in sorted({r["method"] for r in rows}):
+            cells = []
+            for k in present:
+                r = next((x for x in rows if x["method"] == method and x["key"] == k), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+                cells.append(f"**{text}**" if r["excludes_zero"] else text)
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 # -- the HTML report --------------------------------------------------------------------------------------------------
 
 
@@ -295,4 +322,4 @@ table{{border-collapse:collapse;margin:8px 0}} .sig{{background:#ffe9a8}} img{{m
     return folder / "index.html"
 
 
-__all__ = ["HEADLINE", "collect", "to_csv", "worst_corner", "write_outputs", "write_report"]
+__all__ = ["HEADLINE", "collect", "markdown", "to_csv", "worst_corner", "write_outputs", "write_report"]
