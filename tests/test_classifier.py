@@ -75,6 +75,12 @@ def test_training_saves_and_loads(tmp_path, fake_dataset):
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     with pytest.raises(FileNotFoundError, match="not found"):
         clf.load_classifier(tmp_path / "missing")
+    # A second (fine-tuning) stage starts from the saved weights and records the first stage.
+    stage2 = _tiny_train(epochs=1, init_from=str(tmp_path))
+    tuned, meta2 = clf.train_classifier(tmp_path / "stage2", stage2, root=fake_dataset, log=lambda s: None)
+    assert meta2["previous_stage"]["test_accuracy"] == meta["test_accuracy"]
+    assert meta2["train"]["init_from"] == str(tmp_path)
+    assert not torch.equal(tuned.head.weight, model.head.weight)
 
 
 def test_training_resumes_after_an_interruption_with_identical_weights(tmp_path, fake_dataset):

@@ -382,3 +382,22 @@ def test_frechet_to_cached_reference_stats_equals_the_direct_route(n):
     cached = metric._stats[1]
     assert metric.score(gen[: n // 2], ref)["fd"] == pytest.approx(frechet_distance(ref, gen[: n // 2]), rel=1e-8)
     assert metric._stats[1] is cached and first["fd"] == pytest.approx(frechet_distance(ref, gen), rel=1e-8)
+
+
+def test_orientation_table_runs_on_fake_data(monkeypatch, fake_dataset, capsys):
+    """``python -m qsilk.eval.metrics`` (the table of docs/metrics.md) on the fake data set, 2 images per set."""
+    import json
+
+    from qsilk.eval.metrics.__main__ import main
+    from qsilk.models.demo import data as demo_data
+    from qsilk.models.demo import demo_weights_available
+
+    if not demo_weights_available():
+        pytest.skip("demo weights not present")
+    monkeypatch.setattr(demo_data, "FASHION_MNIST_DIR", fake_dataset)
+    main(["--n", "2", "--ref-n", "4", "--metrics", "spectral,saturation,artifacts"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["set"] for r in rows] == [
+        "real train images", "autoencoder reconstructions", "4 steps, CFG 9", "16 steps, CFG 3"
+    ]
+    assert all(np.isfinite(r["spectral_hf_gap"]) and r["n"] == 2 for r in rows)

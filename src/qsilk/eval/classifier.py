@@ -122,6 +122,7 @@ def save_classifier(model: FashionCNN, folder: str | Path, metadata: dict, name:
     tmp = folder / f".{name}.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, folder / f"{name}.safetensors")
+    os.chmod(folder / f"{name}.safetensors", 0o644)  # shipped as package data: readable by everyone
     meta = {"config": model.config.to_dict(), **metadata}
     tmp = folder / f".{name}.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
@@ -162,6 +163,7 @@ class TrainConfig:
     hflip: bool = True
     threads: int = 1
     limit: int | None = None  # train on the first `limit` images (tests)
+    init_from: str | None = None  # a folder with fmnist_cnn.* to continue from (a second, fine-tuning stage)
     model: dict = field(default_factory=lambda: ClassifierConfig().to_dict())
 
 
@@ -246,7 +248,12 @@ def train_classifier(
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model = FashionCNN(ClassifierConfig.from_dict(dict(config.model)))
+    previous = None
+    if config.init_from:
+        model = load_classifier(config.init_from).requires_grad_(True)
+        previous = model.metadata
+    else:
+        model = FashionCNN(ClassifierConfig.from_dict(dict(config.model)))
     train_x, train_y = fmnist_tensors("train", root, config.limit)
     test_x, test_y = fmnist_tensors("test", root)
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
@@ -304,10 +311,12 @@ def train_classifier(
         "train_seconds": round(elapsed, 1),
         "train_threads": config.threads,
         "train": {k: v for k, v in asdict(config).items() if k != "model"},
+        "previous_stage": previous,
         "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     model.eval()
+    model.metadata = metadata
     save_classifier(model, out, metadata)
     return model.requires_grad_(False), metadata
 
@@ -319,10 +328,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the demo model's)")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--max-shift", type=int, default=TrainConfig.max_shift)
+    parser.add_argument("--init-from", default=None, help="continue from the fmnist_cnn.* in this folder")
     parser.add_argument("--install", action="store_true", help="copy the final weights into the package assets")
     args = parser.parse_args(argv)
     _, meta = train_classifier(
-        args.out, TrainConfig(epochs=args.epochs, seed=args.seed, threads=args.threads), root=args.root
+        args.out,
+        TrainConfig(
+            epochs=args.epochs,
+            seed=args.seed,
+            threads=args.threads,
+            lr=args.lr,
+            max_shift=args.max_shift,
+            init_from=args.init_from,
+        ),
+        root=args.root,
     )
     print(json.dumps({k: meta[k] for k in ("test_accuracy", "train_seconds", "parameters")}))
     if args.install:
