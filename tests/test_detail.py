@@ -311,3 +311,15 @@ def test_stabilizer_hf_restore_respects_its_window_and_is_off_by_default():
     # a partial window without a position: warned once, like the other windows
     with pytest.warns(RuntimeWarning, match="hf_restore_window"):
         QSilk(QSilkConfig(hf_restore=1.0, hf_restore_window=(0.5, 1.0)))(x)
+
+
+def test_detail_preset_is_strong_with_auto_tiles_and_late_hf_restore():
+    detail = QSilkConfig.preset("detail")
+    assert detail == QSilkConfig.preset("strong").replace(
+        **AUTO, hf_restore=1.0, hf_restore_window=(0.5, 1.0)
+    )
+    assert QSilkConfig.from_json(detail.to_json()) == detail
+    # the study's method of that name runs exactly this config
+    from qsilk.study.methods import get_method
+
+    assert get_method("qsilk-strong-auto-hf").parts[0].build(9.0) == detail
