@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from qsilk.qrm import QRM, QRMConfig, save_qrm
 
@@ -55,3 +56,28 @@ def test_generate_records_qrm(tmp_path):
     a = np.asarray(Image.open(plain_json.with_suffix(".png")))
     b = np.asarray(Image.open(qrm_json.with_suffix(".png")))
     assert np.array_equal(a, b)
+
+
+def test_shipped_demo_qrm_fits_the_demo_model_and_detaches_exactly():
+    from qsilk.models.demo import load_demo_pipeline
+    from qsilk.qrm import attach, demo_qrm_path, detach, load_demo_qrm
+
+    if not demo_qrm_path().exists():
+        pytest.skip("no shipped demo QRM")
+    pipe = load_demo_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    qrm = load_demo_qrm(pipe.transformer)
+    assert qrm.config.kind == "light" and qrm.num_parameters() <= 0.02 * qrm.config.backbone_params
+    assert demo_qrm_path().stat().st_size + demo_qrm_path().with_suffix(".json").stat().st_size < 1_000_000
+
+    def sample():
+        return pipe(
+            [3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent"
+        ).images
+
+    base = sample()
+    attach(pipe, qrm)
+    moved = sample()
+    detach(pipe)
+    assert not torch.equal(moved, base)
+    assert torch.equal(sample(), base)
