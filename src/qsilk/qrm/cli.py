@@ -17,7 +17,9 @@ def check_qrm_option(spec: str) -> None:
 
     path = demo_qrm_path() if spec == "demo" else Path(spec).expanduser()
     if not path.with_suffix(".safetensors").is_file():
-        raise ValueError(f"--qrm: no QRM checkpoint at {path}" + (" (the package ships none)" if spec == "demo" else ""))
+        raise ValueError(
+            f"--qrm: no QRM checkpoint at {path}" + (" (the package ships none)" if spec == "demo" else "")
+        )
     read_qrm_record(path)
 
 
@@ -30,7 +32,11 @@ def attach_qrm_option(pipe, spec: str) -> dict[str, Any]:
     qrm = load_qrm(path, pipe.transformer)
     attach(pipe, qrm)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    return {"path": spec if spec == "demo" else str(path.resolve()), "sha256": digest, "kind": qrm.config.kind}
+    return {
+        "path": spec if spec == "demo" else str(path.resolve()),
+        "sha256": digest,
+        "kind": qrm.config.kind,
+    }
 
 
 def register(app: typer.Typer) -> None:
