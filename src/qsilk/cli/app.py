@@ -434,6 +434,13 @@ def compare(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     threads: ThreadsOpt = None,
+    qrm: Annotated[
+        str | None,
+        typer.Option(
+            "--qrm", metavar="PATH|demo",
+            help="Add a 'qrm' column and a QRM variant of each QSilk column ('demo': the shipped demo-model QRM).",
+        ),
+    ] = None,
 ) -> None:
     """Same seeds without and with QSilk (and extra configs): grid, difference heat map, per-step maps and
     statistics, and an index.html that shows it all."""
@@ -455,6 +462,14 @@ def compare(
         for source in configs or []:
             built = options.build_config(source, {})
             named.append((options.config_label(source, built), built))
+        if qrm is not None:
+            from qsilk.qrm.cli import check_qrm_option
+
+            try:
+                check_qrm_option(qrm)
+            except (ValueError, OSError) as e:
+                raise CliError(str(e)) from None
+            named += [("qrm", None, True)] + [(f"qrm + {label}", config, True) for label, config in named[1:]]
         columns.extend(comparison.make_columns(named))
         if sample < 0:
             raise CliError(f"--sample must be >= 0, got {sample}")
@@ -469,7 +484,18 @@ def compare(
     rows = [(c, s) for c in prepared.conditions for s in prepared.seeds]
     if sample >= len(rows):
         raise CliError(f"--sample {sample} is out of range: there are {len(rows)} rows")
-    jobs = [runs.Job(c, s, col.config, folder=f"images/{col.folder}") for col in columns for c, s in rows]
+    if qrm is not None:
+        import dataclasses
+
+        from qsilk.qrm.cli import attach_qrm_option
+
+        try:
+            prepared.settings = dataclasses.replace(prepared.settings, qrm=attach_qrm_option(prepared.pipe, qrm))
+        except (ValueError, TypeError, OSError) as e:
+            raise CliError(f"--qrm: {e}") from None
+    jobs = [
+        runs.Job(c, s, col.config, folder=f"images/{col.folder}", qrm=col.qrm) for col in columns for c, s in rows
+    ]
     with runs.output_folder(out):
         results = runs.run_jobs(
             prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, record_maps=True,

@@ -22,25 +22,27 @@ DEMO_FID_RESULTS = Path(__file__).resolve().parents[1] / "assets" / "results" / 
 
 @dataclass(frozen=True)
 class Column:
-    """One column of the comparison: what the page calls it, its sub-folder of images/, its QSilk config."""
+    """One column of the comparison: what the page calls it, its sub-folder of images/, its QSilk config, and
+    whether the attached QRM (``--qrm``) is on for its images."""
 
     label: str
     folder: str
     config: dict[str, Any] | None
+    qrm: bool = False
 
 
-def make_columns(named: list[tuple[str, dict[str, Any] | None]]) -> list[Column]:
-    """Columns from (label, config) pairs; folders are slugs of the labels, made unique. The first two columns
+def make_columns(named: list[tuple]) -> list[Column]:
+    """Columns from (label, config) or (label, config, qrm) tuples; folders are slugs of the labels, made unique. The first two columns
     keep the folders ``plain`` and ``qsilk`` whatever their labels say."""
     columns: list[Column] = []
     taken: set[str] = set()
-    for i, (label, config) in enumerate(named):
+    for i, (label, config, *qrm) in enumerate(named):
         base = ("plain", "qsilk")[i] if i < 2 else slugify(label)
         folder, n = base, 2
         while folder in taken:
             folder, n = f"{base}-{n}", n + 1
         taken.add(folder)
-        columns.append(Column(label, folder, config))
+        columns.append(Column(label, folder, config, bool(qrm and qrm[0])))
     return columns
 
 
@@ -250,6 +252,7 @@ def _summary(
                 "label": label,
                 "folder": col.folder,
                 "config": config,
+                "qrm": col.qrm,
                 "confidence_used": sources[label],
                 "seconds_per_image_median": median,
                 "seconds_per_step_median": median / settings.steps if median is not None else None,
@@ -280,6 +283,7 @@ def _summary(
         "device": settings.device,
         "dtype": settings.dtype,
         "size": [settings.width, settings.height] if settings.width else None,
+        "qrm": settings.qrm,
         "rows": row_labels,
         "seeds": sorted({s for _, s in rows}),
         "versions": versions,
@@ -325,6 +329,10 @@ def _html(summary: dict[str, Any], has_steps: bool, has_diff: bool) -> str:
     ]
     if summary["size"]:
         params.append(("size", "x".join(map(str, summary["size"]))))
+    if summary.get("qrm"):
+        qrm = summary["qrm"]
+        on = ", ".join(c["label"] for c in summary["configs"] if c.get("qrm"))
+        params.append(("QRM", f"{qrm['path']} ({qrm['kind']}, sha256 {qrm['sha256']}); on in: {on}"))
     param_rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in params)
     stat_rows = "\n".join(
         "<tr>"

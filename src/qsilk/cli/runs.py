@@ -109,6 +109,7 @@ class Job:
     seed: int
     qsilk: dict[str, Any] | None  # QSilkConfig.to_dict(), or None for plain sampling
     folder: str = ""  # sub-folder of the output folder
+    qrm: bool | None = None  # with a QRM attached (settings.qrm): False switches it off for this image (compare)
 
 
 @dataclass
@@ -199,9 +200,21 @@ def job_params(settings: Settings, job: Job) -> dict[str, Any]:
     }
     if settings.width is not None or settings.height is not None:
         params["width"], params["height"] = settings.width, settings.height
-    if settings.qrm is not None:  # only when given: keeps the keys of images made without QRM unchanged
+    if uses_qrm(settings, job):  # only when used: keeps the keys of images made without QRM unchanged
         params["qrm"] = settings.qrm
     return params
+
+
+def uses_qrm(settings: Settings, job: Job) -> bool:
+    """Whether this image is made with the attached QRM (every image of ``generate --qrm``; per column in compare)."""
+    return settings.qrm is not None and job.qrm is not False
+
+
+def _set_qrm(pipe, settings: Settings, job: Job) -> None:
+    if settings.qrm is not None:
+        from qsilk.qrm import attached
+
+        attached(pipe).enabled = uses_qrm(settings, job)
 
 
 def params_key(params: dict[str, Any]) -> str:
@@ -666,6 +679,7 @@ def run_jobs(
     with _Progress(console, len(pending), settings.steps) as progress:
         if warmup and pending:
             _, job, *_ = pending[0]
+            _set_qrm(pipe, settings, job)
             kwargs = _call_kwargs(pipe, settings, job, torch.Generator("cpu").manual_seed(job.seed), None)
             _sample(pipe, kwargs, f"{job.condition.label} seed {job.seed} (warm-up)")
         for items in groups.values():
@@ -674,6 +688,7 @@ def run_jobs(
                     what = f"{job.condition.label} seed {job.seed}" + (f" [{job.folder}]" if job.folder else "")
                     if handle is not None:
                         handle.clear_stats()
+                    _set_qrm(pipe, settings, job)
                     generator = torch.Generator("cpu").manual_seed(job.seed)
                     kwargs = _call_kwargs(pipe, settings, job, generator, lambda i, what=what: progress.step(what, i))
                     start = time.perf_counter()
