@@ -18,7 +18,7 @@ from typing import Any
 from qsilk.config import QSilkConfig
 
 BASELINE = "cfg"
-KINDS = ("guider", "scheduler", "x0", "qsilk")
+KINDS = ("guider", "scheduler", "x0", "qsilk", "qrm")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,19 @@ _STRONG = {"clamp_quantile": 0.01, "aqclip_k_min": 1.5, "aqclip_k_max": 3.0}
 _AUTO = {"aqclip_tile": "auto", "aqclip_stride": "auto"}
 
 
+def _demo_qrm(cfg: float):
+    from qsilk.qrm import demo_qrm_path
+
+    return demo_qrm_path()
+
+
+def _demo_qrm_record(cfg: float) -> dict:
+    import hashlib
+
+    path = _demo_qrm(cfg)
+    return {"checkpoint": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:12]}
+
+
 def _guider_part(name: str, summary: str, build) -> Part:
     return Part("guider", name, summary, build, lambda cfg: _guider_record(build(cfg)))
 
@@ -159,6 +172,8 @@ PARTS: dict[str, Part] = {
                     _qsilk(**_STRONG, **_AUTO, aqclip_edge_gate=True)),  # fmt: skip
         _qsilk_part("qsilk-strong-auto-hf", "QSilk strong, auto tiles, HF restore 1.0 in the second half",
                     _qsilk(**_STRONG, **_AUTO, hf_restore=1.0, hf_restore_window=(0.5, 1.0))),  # fmt: skip
+        # issue 9: the shipped light QRM (src/qsilk/assets/qrm), attached for the cell and detached after it
+        Part("qrm", "qrm-light", "shipped light demo QRM (adaLN deltas), docs/qrm.md", _demo_qrm, _demo_qrm_record),
     ]
 }
 
@@ -198,17 +213,23 @@ class Method:
             guider = X0OperatorGuidance(x0_part.build(cfg), guider=guider, guidance_scale=None if guider else cfg)
         kwargs: dict[str, Any] = {"guider": guider} if guider is not None else {"guidance_scale": cfg}
         original_scheduler = pipe.scheduler
-        scheduler_part, qsilk_part = self.part("scheduler"), self.part("qsilk")
-        handle = None
+        scheduler_part, qsilk_part, qrm_part = self.part("scheduler"), self.part("qsilk"), self.part("qrm")
+        handle = qrm_handle = None
         try:
             if scheduler_part is not None:
                 pipe.scheduler = scheduler_part.build(cfg)(pipe.scheduler)
+            if qrm_part is not None:
+                from qsilk.qrm import attach, load_qrm
+
+                qrm_handle = attach(pipe, load_qrm(qrm_part.build(cfg), pipe.transformer))
             if qsilk_part is not None:
                 handle = qsilk.enable(pipe, qsilk_part.build(cfg))
             yield kwargs
         finally:
             if handle is not None:
                 handle.remove()
+            if qrm_handle is not None:
+                qrm_handle.remove()
             pipe.scheduler = original_scheduler
 
 
