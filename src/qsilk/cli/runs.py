@@ -34,25 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from qsilk.stabilizer import STAT_KEYS as QSILK_STAT_KEYS
+
 from .errors import CliError, SamplingError, one_line
 
 RECORD_FORMAT = "qsilk-image/1"
 PNG_KEY = "qsilk"
-STAT_KEYS = (
-    "step",
-    "progress",
-    "timestep",
-    "sigma",
-    "clamp_fraction",
-    "aqclip_fraction",
-    "touched_fraction",
-    "max_abs_before",
-    "max_abs_after",
-    "clamp_active",
-    "aqclip_active",
-    "confidence_mean",
-    "confidence_source",
-)
+# Per-step keys of an image's record: the step's position, QSilk's own statistics, and where the confidence came from.
+STAT_KEYS = ("step", "progress", "timestep", "sigma", *QSILK_STAT_KEYS, "confidence_source")
 TMP_FILE = re.compile(r"^\.(?:.+\.(\d+)\.tmp|qsilk-write-test-(\d+))$")
 # Without a terminal (CI, nohup, pipes) progress is one line at most this often (plus the first and the last).
 PROGRESS_INTERVAL_S = 10.0
