@@ -232,7 +232,7 @@ def test_clip_reward_with_random_local_weights(tmp_path):
         txt = reward.text_features(["a cat", "a dog"], images.device)
     torch.testing.assert_close(scores.detach(), (img * txt).sum(-1))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        CLIPReward("openai/clip-vit-base-patch32")
+        CLIPReward("openai/clip-vit-base-patch32")  # offline: a hub id is refused, never fetched
 
 
 def test_cli_train_qrm_bad_input_is_one_error_line(capsys, tmp_path):
