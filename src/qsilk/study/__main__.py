@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown(json.loads(path.read_text()), tuple(args.table) or HEADLINE))
             return 0
         spec = spec_from_args(args)
+        from .report import write_outputs
         from .runner import Study
 
         study = Study(spec, args.out, progress=not args.no_progress)
@@ -123,12 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no study at {args.out}")
             study._check_folder()
             study._bootstrap_units()  # cells finished since the last results (safe next to a running study)
-            from .report import write_outputs
-
-            results = write_outputs(study, report=not args.no_report)
+            writer = True
         else:
-            results = study.run(report=not args.no_report)
-        if results is not None:
+            writer = study.run()
+        if writer:
+            results = write_outputs(study, report=not args.no_report)
             done = len(results["cells"])
             where = args.out / ("results.json" if args.no_report else "report/index.html")
             print(f"study: {done} cells done, {len(results['incomplete'])} incomplete; {where}")

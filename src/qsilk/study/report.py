@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .bootstrap import paired_interval
+from .files import atomic_write_text
 from .methods import BASELINE
 
 if TYPE_CHECKING:
@@ -89,7 +90,6 @@ def collect(study: Study) -> dict[str, Any]:
 
 
 def write_outputs(study: Study, report: bool = True) -> dict[str, Any]:
-    from .runner import atomic_write_text
 
     results = collect(study)
     out = study.out
@@ -295,7 +295,6 @@ def _table(results: dict) -> str:
 
 
 def write_report(study: Study, results: dict, timings: dict[str, float]) -> Path:
-    from .runner import atomic_write_text
 
     folder = study.out / "report"
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .bootstrap import bootstrap_indices, replicate_scorer, replicate_table
+from .files import atomic_save, atomic_write_text
 from .grid import Cell, StudySpec
 from .methods import BASELINE, get_method
 
@@ -43,20 +44,6 @@ REFERENCE_CHUNK = 250
 
 
 # -- small helpers ------------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def chunk_name(start: int, count: int) -> str:
@@ -287,8 +274,9 @@ class Study:
             keys = set(f.keys())
         return [n for n in self.spec.metrics if f"f.{metric_key(n)}" not in keys]
 
-    def run(self, finalize: bool = True, report: bool = True) -> dict | None:
-        """Do this process's missing units; then bootstrap and (process 0) write results (and the HTML report)."""
+    def run(self, finalize: bool = True) -> bool:
+        """Do this process's missing units, then (``finalize``) the bootstrap. True on the process that should write
+        the results (process 0, after everyone has finished): ``qsilk.study.report.write_outputs``."""
         torch.set_num_threads(self.spec.threads)
         from diffusers.utils import logging as diffusers_logging
 
@@ -315,14 +303,10 @@ class Study:
             bar.close()
         self._barrier()
         if not finalize:
-            return None
+            return False
         self._bootstrap_units()
         self._barrier()
-        if self.rank != 0:
-            return None
-        from .report import write_outputs
-
-        return write_outputs(self, report=report)
+        return self.rank == 0
 
     def _barrier(self) -> None:
         if self.state is not None:
