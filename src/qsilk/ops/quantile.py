@@ -35,14 +35,19 @@ def _lerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     return torch.where(torch.isfinite(out), out, a * (1.0 - w) + b * w)
 
 
-def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
-    """Q_(1-q) of each row, shape (R, 1): the upper half of :func:`tail_quantiles` without selecting the lower
-    tail. Equal to torch.quantile bit for bit."""
+def _checked_rows(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``rows`` as fp32 after checking its shape and the tail fraction ``q``."""
     if rows.dim() != 2:
         raise ValueError(f"rows must be 2-D (rows, values), got shape {tuple(rows.shape)}")
     if not 0.0 < q <= 0.5:
         raise ValueError(f"quantile must be in (0, 0.5], got {q!r}")
-    rows = rows.float()
+    return rows.float()
+
+
+def upper_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """Q_(1-q) of each row, shape (R, 1): the upper half of :func:`tail_quantiles` without selecting the lower
+    tail. Equal to torch.quantile bit for bit."""
+    rows = _checked_rows(rows, q)
     n = rows.shape[1]
     hi_b, hi_a, hi_w = _rank(1.0 - q, n)
     if n - hi_b > _TOPK_LIMIT * n:
@@ -56,11 +61,7 @@ def tail_quantiles(rows: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Te
     """Return (Q_q, Q_(1-q)) of each row of a 2-D fp32 tensor, shape (R, 1) each, equal to torch.quantile.
 
     q must be in (0, 0.5]."""
-    if rows.dim() != 2:
-        raise ValueError(f"rows must be 2-D (rows, values), got shape {tuple(rows.shape)}")
-    if not 0.0 < q <= 0.5:
-        raise ValueError(f"quantile must be in (0, 0.5], got {q!r}")
-    rows = rows.float()
+    rows = _checked_rows(rows, q)
     n = rows.shape[1]
     lo_b, lo_a, lo_w = _rank(q, n)
     hi_b, hi_a, hi_w = _rank(1.0 - q, n)
