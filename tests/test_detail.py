@@ -322,4 +322,4 @@ def test_detail_preset_is_strong_with_auto_tiles_and_late_hf_restore():
     # the study's method of that name runs exactly this config
     from qsilk.study.methods import get_method
 
-    assert get_method("qsilk-strong-auto-hf").parts[0].build(9.0) == detail
+    assert get_method("qsilk-strong-auto-hf").parts[0].build(9.0) == detail == get_method("qsilk-detail").parts[0].build(9.0)

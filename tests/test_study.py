@@ -143,7 +143,7 @@ def study_env(tmp_path_factory):
     return root, env
 
 
-def study_args(root: Path, out: Path, steps="2 6", methods=("qsilk-strong", "cfg-guider"), report=False, n=6,
+def study_args(root: Path, out: Path, steps="2 6", methods=("qsilk-strong", "cfg-guider", "cfg-guider+qsilk-strong"), report=False, n=6,
                metrics=METRICS) -> list[str]:  # fmt: skip
     return [
         "--out", str(out), "--model", str(root / "demo"), "--methods", *methods, "--steps", *steps.split(),
@@ -172,7 +172,8 @@ def test_tiny_study_writes_results_and_report(finished):
     results = json.loads((finished / "results.json").read_text())
     assert not results["incomplete"]
     keys = sorted(c["key"] for c in results["cells"])
-    assert keys == [f"dpm-s{s}-cfg4-{m}" for s in (2, 6) for m in ("cfg", "cfg-guider", "qsilk-strong")]
+    methods = ("cfg", "cfg-guider", "cfg-guider+qsilk-strong", "qsilk-strong")
+    assert keys == [f"dpm-s{s}-cfg4-{m}" for s in (2, 6) for m in methods]
     assert all(c["n"] == 6 for c in results["cells"])
     rows = results["comparisons"]
     assert {r["key"] for r in rows} >= {"fd_pool", "kid_pool", "spectral_hf_gap", "saturation"}
@@ -183,6 +184,18 @@ def test_tiny_study_writes_results_and_report(finished):
     assert any(r["delta"] != 0 for r in rows if r["method"] == "qsilk-strong")
     for r in rows:
         assert r["delta"] == pytest.approx(r["value"] - r["baseline_value"])
+    # compositions: what each part adds. The guider draws plain CFG's images, so "cfg-guider+qsilk-strong vs
+    # cfg-guider" must be exactly "qsilk-strong vs cfg" (same replicates), and "... vs qsilk-strong" exactly 0.
+    added = results["compositions"]
+    assert {r["baseline"] for r in added} == {"cfg-guider", "qsilk-strong"}
+    assert all(r["method"] == "cfg-guider+qsilk-strong" for r in added)
+    alone = {(r["steps"], r["metric"], r["key"]): r for r in rows if r["method"] == "qsilk-strong"}
+    for r in added:
+        twin = alone[(r["steps"], r["metric"], r["key"])]
+        if r["baseline"] == "cfg-guider":
+            assert (r["delta"], r["ci_low"], r["ci_high"]) == (twin["delta"], twin["ci_low"], twin["ci_high"])
+        else:
+            assert r["delta"] == 0 and r["ci_low"] == 0 and r["ci_high"] == 0
     # the stored images are the baseline images the pipeline draws for seeds 0..5 (classes i mod 10)
     from safetensors.torch import load_file
 
@@ -192,9 +205,9 @@ def test_tiny_study_writes_results_and_report(finished):
     assert record["method"]["parts"][0]["params"]["clamp_quantile"] == 0.01
     assert record["scheduler_config"]["prediction_type"] == "v_prediction"
     csv_lines = (finished / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("scheduler,steps,cfg,method,metric,key,value")
+    assert csv_lines[0].startswith("scheduler,steps,cfg,method,baseline,metric,key,value")
     baselines = [c for c in results["cells"] if c["method"] == "cfg"]
-    assert len(csv_lines) == 1 + len(rows) + sum(len(c["scores"]) for c in baselines)
+    assert len(csv_lines) == 1 + len(rows) + len(results["compositions"]) + sum(len(c["scores"]) for c in baselines)
     provenance = json.loads((finished / "provenance.json").read_text())
     assert set(provenance["code"]) == set(keys) and all(v[0]["qsilk"] for v in provenance["code"].values())
     page = (finished / "report" / "index.html").read_text()
@@ -211,6 +224,7 @@ def test_markdown_tables_of_a_finished_study(finished, capsys):
     assert text.count("| plain CFG (value) |") == 2  # 2 and 6 steps
     assert "| cfg-guider | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in text
     assert "| method | fd_pool | spectral_hf_gap |" in text
+    assert text.count("| cfg-guider+qsilk-strong vs cfg-guider |") == 2
 
 
 def test_stored_images_reproduce_with_the_pipeline(finished, study_env):

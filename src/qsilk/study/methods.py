@@ -159,6 +159,8 @@ PARTS: dict[str, Part] = {
         _qsilk_part("qsilk", "QSilk defaults", _qsilk()),
         _qsilk_part("qsilk-strong", "QSilk strong: q=0.01, k 1.5-3", _qsilk(clamp_quantile=0.01, aqclip_k_min=1.5,
                                                                              aqclip_k_max=3.0)),  # fmt: skip
+        _qsilk_part("qsilk-detail", "QSilk preset 'detail' (strong, auto tiles, HF restore late)",
+                    lambda cfg: QSilkConfig.preset("detail")),  # fmt: skip
         _qsilk_part("qsilk-clamp", "QSilk micro-clamp only", _qsilk(aqclip=False)),
         _qsilk_part("qsilk-aqclip", "QSilk AQClip only", _qsilk(clamp=False)),
         _qsilk_part("qsilk-hard", "QSilk micro-clamp only, hard mode", _qsilk(aqclip=False, clamp_mode="hard")),

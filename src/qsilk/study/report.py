@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -28,10 +29,49 @@ def _json_number(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
+def component_methods(method: str) -> list[str]:
+    """A composed method without each one of its parts: ``"fdg+qsilk"`` -> ``["qsilk", "fdg"]``. The difference
+    to each says what that part adds on top of the others (QSilk on top of a guider: ``fdg+qsilk`` vs ``fdg``)."""
+    parts = method.split("+")
+    if len(parts) < 2:
+        return []
+    return ["+".join(parts[:k] + parts[k + 1 :]) for k in range(len(parts))]
+
+
+def _differences(cell, baseline: str, this: tuple[dict, dict], other: tuple[dict, dict], level: float) -> list[dict]:
+    """One row per score key: the cell's value minus ``baseline``'s (same group, same seeds), with the paired interval."""
+    (point, reps), (base_point, base_reps) = this, other
+    rows = []
+    for key in sorted(point):
+        lo, hi = paired_interval(reps[key], base_reps[key], level)
+        delta = point[key] - base_point[key]
+        metric, _, score_key = key.partition(".")
+        rows.append(
+            {
+                "scheduler": cell.scheduler,
+                "steps": cell.steps,
+                "cfg": cell.cfg,
+                "method": cell.method,
+                "baseline": baseline,
+                "metric": metric,
+                "key": score_key,
+                "value": _json_number(point[key]),
+                "baseline_value": _json_number(base_point[key]),
+                "delta": _json_number(delta),
+                "ci_low": _json_number(lo),
+                "ci_high": _json_number(hi),
+                "relative": _json_number(delta / base_point[key]) if base_point[key] else None,
+                "excludes_zero": bool(lo > 0 or hi < 0),
+            }
+        )
+    return rows
+
+
 def collect(study: Study) -> dict[str, Any]:
-    """Every number of a study, deterministic (sorted, no timings)."""
+    """Every number of a study, deterministic (sorted, no timings). ``comparisons``: each method minus plain CFG;
+    ``compositions``: each composed method minus the same method without one of its parts (what that part adds)."""
     spec = study.spec
-    cells, comparisons, incomplete = [], [], []
+    cells, comparisons, compositions, incomplete = [], [], [], []
     points: dict[Any, tuple[dict, dict]] = {}
     for cell in spec.cells():
         if not (study.cell_complete(cell) and study.bootstrap_complete(cell)):
@@ -51,32 +91,12 @@ def collect(study: Study) -> dict[str, Any]:
                 "scores": {k: _json_number(v) for k, v in sorted(point.items())},
             }
         )
-        if cell.method == BASELINE or cell.baseline() not in points:
-            continue
-        base_point, base_reps = points[cell.baseline()]
-        reps = points[cell][1]
-        for key in sorted(point):
-            lo, hi = paired_interval(reps[key], base_reps[key], spec.ci)
-            delta = point[key] - base_point[key]
-            metric, _, score_key = key.partition(".")
-            comparisons.append(
-                {
-                    "scheduler": cell.scheduler,
-                    "steps": cell.steps,
-                    "cfg": cell.cfg,
-                    "method": cell.method,
-                    "baseline": BASELINE,
-                    "metric": metric,
-                    "key": score_key,
-                    "value": _json_number(point[key]),
-                    "baseline_value": _json_number(base_point[key]),
-                    "delta": _json_number(delta),
-                    "ci_low": _json_number(lo),
-                    "ci_high": _json_number(hi),
-                    "relative": _json_number(delta / base_point[key]) if base_point[key] else None,
-                    "excludes_zero": bool(lo > 0 or hi < 0),
-                }
-            )
+        if cell.method != BASELINE and cell.baseline() in points:
+            comparisons.extend(_differences(cell, BASELINE, points[cell], points[cell.baseline()], spec.ci))
+        for without in component_methods(cell.method):
+            other = dataclasses.replace(cell, method=without)
+            if other in points:
+                compositions.extend(_differences(cell, without, points[cell], points[other], spec.ci))
     study_info = {k: v for k, v in spec.to_dict().items() if k != "threads"}
     return {
         "study": study_info,
@@ -85,6 +105,7 @@ def collect(study: Study) -> dict[str, Any]:
         "bootstrap": spec.bootstrap,
         "cells": cells,
         "comparisons": comparisons,
+        "compositions": compositions,
         "incomplete": incomplete,
     }
 
@@ -109,7 +130,7 @@ def write_outputs(study: Study, report: bool = True) -> dict[str, Any]:
 
 
 def to_csv(results: dict[str, Any]) -> str:
-    fields = ["scheduler", "steps", "cfg", "method", "metric", "key", "value", "baseline_value", "delta",
+    fields = ["scheduler", "steps", "cfg", "method", "baseline", "metric", "key", "value", "baseline_value", "delta",
               "ci_low", "ci_high", "relative", "excludes_zero"]  # fmt: skip
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
@@ -120,14 +141,14 @@ def to_csv(results: dict[str, Any]) -> str:
                 metric, _, score_key = key.partition(".")
                 writer.writerow({"scheduler": cell["scheduler"], "steps": cell["steps"], "cfg": cell["cfg"],
                                  "method": BASELINE, "metric": metric, "key": score_key, "value": value})  # fmt: skip
-    for row in results["comparisons"]:
+    for row in [*results["comparisons"], *results.get("compositions", [])]:
         writer.writerow({k: row[k] for k in fields})
     return buffer.getvalue()
 
 
 def markdown(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
     """Markdown tables per (scheduler, steps, CFG): plain CFG's value, then each method's delta [95 % CI]
-    (bold: the interval excludes 0)."""
+    (bold: the interval excludes 0), and for composed methods the delta to each of their parts ("A+B vs A")."""
     present = [k for k in keys if any(r["key"] == k for r in results["comparisons"])]
     base = {(c["scheduler"], c["steps"], c["cfg"]): {k.partition(".")[2]: v for k, v in c["scores"].items()}
             for c in results["cells"] if c["method"] == BASELINE}  # fmt: skip
@@ -138,16 +159,20 @@ def markdown(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
         out.append("| method | " + " | ".join(present) + " |")
         out.append("|---" * (len(present) + 1) + "|")
         out.append("| plain CFG (value) | " + " | ".join(_fmt(base[group].get(k)) for k in present) + " |")
-        for method in sorted({r["method"] for r in rows}):
+        added = [r for r in results.get("compositions", []) if (r["scheduler"], r["steps"], r["cfg"]) == group]
+        pairs = sorted({(r["method"], BASELINE) for r in rows} | {(r["method"], r["baseline"]) for r in added})
+        for method, baseline in pairs:
+            source = rows if baseline == BASELINE else [r for r in added if r["baseline"] == baseline]
             cells = []
             for k in present:
-                r = next((x for x in rows if x["method"] == method and x["key"] == k), None)
+                r = next((x for x in source if x["method"] == method and x["key"] == k), None)
                 if r is None:
                     cells.append("")
                     continue
                 text = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
                 cells.append(f"**{text}**" if r["excludes_zero"] else text)
-            out.append(f"| {method} | " + " | ".join(cells) + " |")
+            label = method if baseline == BASELINE else f"{method} vs {baseline}"
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -266,6 +291,7 @@ def _corner_figures(study: Study, results: dict, folder: Path) -> list[tuple[str
 
 def _table(results: dict) -> str:
     rows = [r for r in results["comparisons"] if r["key"] in HEADLINE]
+    rows += [{**r, "method": f"{r['method']} vs {r['baseline']}"} for r in results.get("compositions", []) if r["key"] in HEADLINE]
     keys = [k for k in HEADLINE if any(r["key"] == k for r in rows)]
     if not rows:
         return "<p>No comparisons yet.</p>"
@@ -291,7 +317,7 @@ def _table(results: dict) -> str:
         vals = {k.partition(".")[2]: v for k, v in scores.items()}
         baseline_lines.append(f"<tr><td>{scheduler}</td><td>{steps}</td><td>{cfg:g}</td>" + "".join(f"<td>{_fmt(vals.get(k))}</td>" for k in keys) + "</tr>")
     baseline_lines.append("</table>")
-    return "<h2>Plain CFG (the baseline)</h2>" + "\n".join(baseline_lines) + "<h2>Differences to plain CFG</h2>" + "\n".join(lines)
+    return "<h2>Plain CFG (the baseline)</h2>" + "\n".join(baseline_lines) + "<h2>Differences to plain CFG (\"A+B vs A\": what B adds to A)</h2>" + "\n".join(lines)
 
 
 def write_report(study: Study, results: dict, timings: dict[str, float]) -> Path:
