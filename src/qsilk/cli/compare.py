@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from qsilk.files import atomic_write_text
+
 from . import render
-from .runs import ImageResult, Settings, atomic_write_text, slugify, to_json
+from .runs import ImageResult, Settings, slugify, to_json
 
 # The measured FID/KID cells of the demo model (a copy of docs/results/demo-fid.json; a test keeps them equal).
 DEMO_FID_RESULTS = Path(__file__).resolve().parents[1] / "assets" / "results" / "demo-fid.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import atomic_write_bytes
+from qsilk.files import atomic_write_bytes
 
 LABEL_HEIGHT = 18
 ROW_LABEL_WIDTH = 150

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from qsilk.files import atomic_write_bytes, atomic_write_text
 from qsilk.stabilizer import STAT_KEYS as QSILK_STAT_KEYS
 
 from .errors import CliError, SamplingError, one_line
@@ -42,6 +43,7 @@ RECORD_FORMAT = "qsilk-image/1"
 PNG_KEY = "qsilk"
 # Per-step keys of an image's record: the step's position, QSilk's own statistics, and where the confidence came from.
 STAT_KEYS = ("step", "progress", "timestep", "sigma", *QSILK_STAT_KEYS, "confidence_source")
+# Temp files of qsilk.files.temp_path (``.NAME.PID.tmp``) and of make_dir's write test.
 TMP_FILE = re.compile(r"^\.(?:.+\.(\d+)\.tmp|qsilk-write-test-(\d+))$")
 # Without a terminal (CI, nohup, pipes) progress is one line at most this often (plus the first and the last).
 PROGRESS_INTERVAL_S = 10.0
@@ -285,25 +287,6 @@ def confidence_sources(stats: list[dict[str, Any]]) -> dict[str, int] | None:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temp file in the same folder, then rename over ``path``: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def png_bytes(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     """Encode (H, W, 3) uint8 as PNG with text chunks; the same pixels and text give the same bytes."""
     from PIL import Image, PngImagePlugin
@@ -396,7 +379,7 @@ def _alive(pid: int) -> bool:
 
 
 def clean_temp_files(folders: Iterable[Path]) -> list[Path]:
-    """Remove the temp files of :func:`atomic_write_bytes` / :func:`make_dir` that a killed run left behind
+    """Remove the temp files of :func:`qsilk.files.atomic_write_bytes` / :func:`make_dir` that a killed run left behind
     (their writer's pid is in the name; a live writer's files are left alone)."""
     removed = []
     for folder in folders:

@@ -23,6 +23,7 @@ import torch
 
 from qsilk import QSilk, QSilkConfig, aqclip, micro_clamp
 from qsilk.eval.reference import reference_aqclip, reference_micro_clamp
+from qsilk.files import atomic_write_text
 
 SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (1, 4, 64, 64),
@@ -227,7 +228,6 @@ def _git_commit() -> str | None:
 def write_json(result: dict, path: str, argv: list[str]) -> None:
     """Atomically write the raw results (plus how they were measured) as standard JSON."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": " ".join(["python -m qsilk.eval.bench", *argv]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -237,9 +237,7 @@ def write_json(result: dict, path: str, argv: list[str]) -> None:
         "cpu_count": os.cpu_count(),
         **result,
     }
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, target)
+    atomic_write_text(target, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":

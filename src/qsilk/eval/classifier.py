@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qsilk.files import atomic_save_tensors, atomic_write_text
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "classifiers"
 ASSET_NAME = "fmnist_cnn"
 IMAGE_SIZE = 64
@@ -114,19 +116,11 @@ class FashionCNN(nn.Module):
 
 def save_classifier(model: FashionCNN, folder: str | Path, metadata: dict, name: str = ASSET_NAME) -> Path:
     """Write ``name.safetensors`` (fp32 state) and ``name.json`` (config + metadata), atomically."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
+    atomic_save_tensors(model.state_dict(), folder / f"{name}.safetensors")
     os.chmod(folder / f"{name}.safetensors", 0o644)  # shipped as package data: readable by everyone
     meta = {"config": model.config.to_dict(), **metadata}
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / f"{name}.json")
+    atomic_write_text(folder / f"{name}.json", json.dumps(meta, indent=2) + "\n")
     return folder / f"{name}.safetensors"
 
 
@@ -205,15 +199,11 @@ def _checkpoint_path(out: Path) -> Path:
 
 def _save_checkpoint(out: Path, model: FashionCNN, opt: torch.optim.Optimizer, epoch: int, elapsed: float) -> None:
     """Model + AdamW state after `epoch` (safetensors, atomic): training resumes exactly at the next epoch."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, p in enumerate(model.parameters()):
         for key, value in opt.state.get(p, {}).items():
-            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().contiguous()
-    tmp = out / ".checkpoint.tmp"
-    save_file(tensors, str(tmp), metadata={"epoch": str(epoch), "elapsed": repr(elapsed)})
-    os.replace(tmp, _checkpoint_path(out))
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value)
+    atomic_save_tensors(tensors, _checkpoint_path(out), metadata={"epoch": str(epoch), "elapsed": repr(elapsed)})
 
 
 def _load_checkpoint(out: Path, model: FashionCNN, opt: torch.optim.Optimizer) -> tuple[int, float]:

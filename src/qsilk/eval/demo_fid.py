@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from qsilk.eval.features import frechet_distance, kernel_inception_distance
+from qsilk.files import atomic_save_tensors, atomic_write_text
 
 
 def cached_features(
@@ -67,9 +66,7 @@ def cached_features(
                 started = time.perf_counter()
                 feats = features(images_for(start, count)).cpu()
                 seconds = time.perf_counter() - started
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                save_file({"features": feats.contiguous()}, str(tmp), metadata={"seconds": f"{seconds:.3f}"})
-                os.replace(tmp, path)
+                atomic_save_tensors({"features": feats}, path, metadata={"seconds": f"{seconds:.3f}"})
                 parts.append(feats)
                 spent["chunks_computed"] += 1
                 spent["seconds"] += seconds
@@ -213,9 +210,7 @@ def main(argv=None) -> None:
             fields["seconds"] = None if timing["chunks_untimed"] else round(timing["seconds"], 3)
             fields["resumed"] = timing["chunks_cached"] > 0
         results[key] = {**fields, "n": len(fake), "ref_n": args.ref_n, "fid": fid, "kid": kid, "kid_std": kid_std}
-        tmp = results_path.with_name(f".results.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, results_path)
+        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
         print(f"{key}: FID {fid:.2f}  KID {1e3 * kid:.2f}e-3 +- {1e3 * kid_std:.2f}e-3", flush=True)
 
     if args.floors:

@@ -4,15 +4,19 @@ head layout and window, plus free-form metadata). Never pickles. Writes are atom
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from qsilk.files import atomic_save_tensors, atomic_write_bytes
 
 from .config import QRMConfig
 from .module import QRM
+
+# atomic_* are imported from here by the QRM trainer and evaluator.
+__all__ = ["FORMAT", "atomic_save_tensors", "atomic_write_bytes", "load_qrm", "read_qrm_record", "save_qrm"]
 
 FORMAT = "qsilk-qrm/1"
 
@@ -24,30 +28,12 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def save_qrm(
     qrm: QRM, path: str | Path, metadata: dict | None = None, dtype: torch.dtype | None = None
 ) -> Path:
     """Write ``path.safetensors`` + ``path.json``; returns the safetensors path. ``dtype`` (e.g. fp16) shrinks
     the file; loading casts back to fp32."""
     weights, meta = _paths(path)
-    weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v) for k, v in qrm.state_dict().items()}
     atomic_save_tensors(state, weights, metadata={"format": FORMAT})
     record = {"format": FORMAT, "config": qrm.config.to_dict(), "metadata": metadata or {}}

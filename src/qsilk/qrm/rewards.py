@@ -65,10 +65,9 @@ class FashionMLP(nn.Module):
 
 
 def save_mlp(model: FashionMLP, folder: str | Path, metadata: dict, name: str = REWARD_NAME) -> Path:
-    from .io import atomic_save_tensors, atomic_write_bytes
+    from qsilk.files import atomic_save_tensors, atomic_write_bytes
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.safetensors"
     atomic_save_tensors({k: v.half() for k, v in model.state_dict().items()}, path)
     record = {"config": asdict(model.config), "metadata": metadata}

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qsilk.files import atomic_write_text
+
 from .bootstrap import paired_interval
-from .files import atomic_write_text
 from .methods import BASELINE
 
 if TYPE_CHECKING:

@@ -35,8 +35,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from qsilk.files import atomic_save_tensors, atomic_write_text
+
 from .bootstrap import bootstrap_indices, replicate_scorer, replicate_table
-from .files import atomic_save, atomic_write_text
 from .grid import Cell, StudySpec
 from .methods import BASELINE, get_method
 
@@ -325,14 +326,14 @@ class Study:
         path = self.unit_path(unit)
         stored = load_file(str(path)) if path.exists() else {}
         images = to_uint8(self.reference_images(start, count))
-        atomic_save(path, {**stored, **self._features(images, missing)})
+        atomic_save_tensors({**stored, **self._features(images, missing)}, path)
 
     def _add_features(self, unit, missing: list[str]) -> None:
         path = self.unit_path(unit)
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
         stored = load_file(str(path))
-        atomic_save(path, {**stored, **self._features(stored["images"], missing)}, metadata=metadata)
+        atomic_save_tensors({**stored, **self._features(stored["images"], missing)}, path, metadata=metadata)
 
     def _cell_units(self, cell: Cell, units: list, bar: Progress) -> None:
         pipe = self.pipe
@@ -360,7 +361,7 @@ class Study:
                 images_u8 = to_uint8(images)
                 tensors = {"images": images_u8, **self._features(images_u8, self.spec.metrics)}
                 meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True), "code": self.code}
-                atomic_save(self.unit_path(unit), tensors, metadata=meta)
+                atomic_save_tensors(tensors, self.unit_path(unit), metadata=meta)
                 bar.update(f"{cell.key} {start}")
 
     # -- reading back ------------------------------------------------------------------------------------------------------------
@@ -437,7 +438,7 @@ class Study:
                 for key, values in replicate_table(scorer, indices).items():
                     tensors[f"{metric_key(name)}.{key}"] = torch.from_numpy(values)
                     tensors[f"point.{metric_key(name)}.{key}"] = torch.tensor([point[key]], dtype=torch.float64)
-                atomic_save(self.bootstrap_path(cell, name), tensors)
+                atomic_save_tensors(tensors, self.bootstrap_path(cell, name))
                 bar.update(f"{cell.key} {name}")
         finally:
             bar.close()
@@ -457,4 +458,4 @@ def baseline_of(cell: Cell) -> Cell:
     return cell if cell.method == BASELINE else cell.baseline()
 
 
-__all__ = ["Progress", "Study", "atomic_save", "atomic_write_text", "load_metrics", "to_uint8"]
+__all__ = ["Progress", "Study", "load_metrics", "to_uint8"]

@@ -19,12 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+from qsilk.files import atomic_write_text, temp_path
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -67,7 +62,7 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = ckpt_root / name
-    tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
+    tmp = temp_path(final)  # the folder is written whole under a temp name, then renamed
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for key, module in modules.items():
@@ -78,7 +73,8 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_json_atomic(ckpt_root / "latest.json", {"dir": name, "step": step})
+    pointer = json.dumps({"dir": name, "step": step}, indent=2, sort_keys=True) + "\n"
+    atomic_write_text(ckpt_root / "latest.json", pointer)
     # Prune older checkpoints, never the one just written.
     olds = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name != name)
     for old in olds[: max(len(olds) - (keep - 1), 0)]:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, DPMSolverMultistepScheduler
 
+from qsilk.files import temp_path
+
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .data import CLASS_NAMES
 from .dit import SCHEDULE_CONFIG, disable_label_dropout
@@ -73,7 +75,7 @@ def build_pipeline(ae_dir: Path, dit_dir: Path, weights: str = "ema") -> tuple[Q
 def save_folder(pipe: QSilkDemoPipeline, out: Path, dtype: torch.dtype, info: dict) -> None:
     """Write to a sibling temp folder, then swap it into place."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.transformer.to(dtype)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from safetensors.torch import save_file
+
+from qsilk.files import atomic_save_tensors
 
 from .autoencoder import build_autoencoder, encode_mean
 from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_tensors, save_checkpoint
@@ -80,9 +80,8 @@ def finalize(vae: AutoencoderKL, args: argparse.Namespace, train, train_labels, 
     latents = ((raw - shift) / std).half()
     final_dir = args.run_dir / "final"
     vae.save_pretrained(final_dir, safe_serialization=True)
-    tmp = args.run_dir / f".latents.tmp-{os.getpid()}.safetensors"
-    save_file({"latents": latents.contiguous(), "labels": torch.as_tensor(train_labels)}, str(tmp))
-    os.replace(tmp, args.run_dir / "latents.safetensors")
+    latents_file = {"latents": latents, "labels": torch.as_tensor(train_labels)}
+    atomic_save_tensors(latents_file, args.run_dir / "latents.safetensors")
     metrics = {
         "test_psnr_db": psnr,
         "eval_images": int(min(args.eval_images, len(test))),
