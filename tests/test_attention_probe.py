@@ -10,17 +10,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
-    DiTTransformer2DModel,
-    FluxTransformer2DModel,
-    PixArtTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 
 import qsilk.attention.probe as probe_module  # noqa: E402
 from qsilk.attention import AttentionEntropyProbe, default_layer_names, select_layers  # noqa: E402
+from tiny_pipelines import (  # noqa: E402
+    tiny_dit_transformer,
+    tiny_flux_transformer,
+    tiny_pixart_transformer,
+    tiny_sd3_transformer,
+    tiny_unet,
+)
 
 torch.set_num_threads(1)
 
@@ -32,7 +32,6 @@ TEXT_TOKENS = 7
 
 
 def make_unet(sd15_layout=False):
-    torch.manual_seed(0)
     if sd15_layout:
         blocks = dict(
             block_out_channels=(8, 16, 16, 16),
@@ -45,16 +44,7 @@ def make_unet(sd15_layout=False):
             down_block_types=("CrossAttnDownBlock2D",) * 3,
             up_block_types=("CrossAttnUpBlock2D",) * 3,
         )
-    return UNet2DConditionModel(
-        **blocks,
-        layers_per_block=1,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-    ).eval()
+    return tiny_unet(cross_attention_dim=16, **blocks)
 
 
 def unet_inputs(batch=2, hw=LATENT_HW, seed=1):
@@ -67,21 +57,15 @@ def unet_inputs(batch=2, hw=LATENT_HW, seed=1):
 
 
 def make_sd3():
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
+    return tiny_sd3_transformer(
         num_layers=3,
-        attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=16,
         caption_projection_dim=32,
         pooled_projection_dim=16,
         qk_norm="rms_norm",
         dual_attention_layers=(0,),
-    ).eval()
+    )
 
 
 def sd3_inputs(batch=2, hw=LATENT_HW, seed=1):
@@ -95,18 +79,9 @@ def sd3_inputs(batch=2, hw=LATENT_HW, seed=1):
 
 
 def make_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=16,
-        pooled_projection_dim=16,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return tiny_flux_transformer(
+        num_layers=2, num_single_layers=2, num_attention_heads=4, joint_attention_dim=16, pooled_projection_dim=16
+    )
 
 
 def flux_image_ids(h, w):
@@ -131,17 +106,7 @@ def flux_inputs(batch=1, hw=LATENT_HW, seed=1):
 
 
 def make_dit():
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_num_groups=2,
-    ).eval()
+    return tiny_dit_transformer(out_channels=4, sample_size=8, num_embeds_ada_norm=10)
 
 
 def dit_inputs(batch=2, hw=LATENT_HW, seed=1):
@@ -154,18 +119,7 @@ def dit_inputs(batch=2, hw=LATENT_HW, seed=1):
 
 
 def make_pixart():
-    torch.manual_seed(0)
-    return PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        cross_attention_dim=16,
-        caption_channels=16,
-    ).eval()
+    return tiny_pixart_transformer(sample_size=8, caption_channels=16)
 
 
 def pixart_inputs(batch=2, hw=LATENT_HW, seed=1):

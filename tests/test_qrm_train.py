@@ -11,49 +11,19 @@ import torch
 from qsilk.qrm import QRMConfig, attach, load_qrm
 from qsilk.qrm.rewards import ClassifierReward, CLIPReward, FashionMLP, load_mlp, save_mlp, x0_penalty
 from qsilk.qrm.train import TrainConfig, lr_at, train_qrm, window_steps, x0_from_output
-from tiny_pipelines import make_scheduler
+from tiny_pipelines import make_scheduler, tiny_dit_transformer, tiny_vae
 
 
 def tiny_demo_pipeline():
-    from diffusers import DiTTransformer2DModel
-
     from qsilk.models.demo import QSilkDemoPipeline
 
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-        norm_num_groups=2,
-    ).eval()
-    vae = _vae1()
+    transformer = tiny_dit_transformer(out_channels=4, sample_size=8, num_embeds_ada_norm=10)
+    vae = tiny_vae(blocks=(8, 8), in_channels=1, out_channels=1, sample_size=16)  # 16 px grey <-> 8x8 latent
     pipe = QSilkDemoPipeline(
         transformer, vae, make_scheduler("dpmpp", "v_prediction"), {i: f"c{i}" for i in range(10)}
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _vae1():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
 
 
 def tiny_reward():

@@ -21,6 +21,12 @@ TOKENS = 16  # tokenizer model_max_length: pipelines pad prompts to this
 CLIP_HIDDEN = 32
 
 
+def _seeded(cls, defaults: dict, seed: int, overrides: dict):
+    """``cls(**defaults, **overrides)`` in eval mode, its random weights drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return cls(**{**defaults, **overrides}).eval()
+
+
 # -- tokenizers and text encoders ----------------------------------------------------------------------------------
 
 
@@ -84,12 +90,11 @@ def t5_encoder(d_model: int = 32, seed: int = 0):
     return T5EncoderModel(config).eval()
 
 
-def tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 16), seed: int = 0, **extra):
-    """AutoencoderKL with len(blocks) - 1 downsamplings (default 2x: 32 px <-> 16x16 latent)."""
+def tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 16), seed: int = 0, **overrides):
+    """AutoencoderKL with len(blocks) - 1 downsamplings (default 2x: 32 px RGB <-> 16x16 latent)."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         block_out_channels=blocks,
         in_channels=3,
         out_channels=3,
@@ -99,8 +104,8 @@ def tiny_vae(latent_channels: int = 4, blocks: tuple[int, ...] = (8, 16), seed: 
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=32,
-        **extra,
-    ).eval()
+    )
+    return _seeded(AutoencoderKL, config, seed, overrides)
 
 
 # -- schedulers -------------------------------------------------------------------------------------------------------
@@ -154,31 +159,90 @@ def make_scheduler(name: str, prediction_type: str = "epsilon", flow: bool = Fal
 # -- pipelines -------------------------------------------------------------------------------------------------------------
 
 
-def tiny_unet(cross_attention_dim: int = CLIP_HIDDEN, sdxl: bool = False, seed: int = 0):
+UNET = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=4,
+    norm_num_groups=8,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+)
+SDXL_UNET = dict(
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=CLIP_HIDDEN + 6 * 8,  # pooled text + 6 time ids x 8
+    use_linear_projection=True,
+)
+# The transformers of the pipelines below; tests of other layouts override single entries.
+SD3 = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=2 * CLIP_HIDDEN,
+    caption_projection_dim=16,
+    pooled_projection_dim=2 * CLIP_HIDDEN,
+)
+FLUX = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=CLIP_HIDDEN,
+    axes_dims_rope=(2, 2, 4),
+)
+# DiT and PixArt: the same patch transformer (learned sigma: 8 output channels), different conditioning.
+PATCH_TRANSFORMER = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=2,
+    sample_size=16,
+    patch_size=2,
+)
+DIT = dict(PATCH_TRANSFORMER, num_embeds_ada_norm=1000, norm_num_groups=2)
+PIXART = dict(PATCH_TRANSFORMER, cross_attention_dim=16, caption_channels=32)
+
+
+def tiny_unet(cross_attention_dim: int = CLIP_HIDDEN, sdxl: bool = False, seed: int = 0, **overrides):
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    extra = {}
-    if sdxl:
-        extra = dict(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=CLIP_HIDDEN + 6 * 8,  # pooled text + 6 time ids x 8
-            use_linear_projection=True,
-        )
-    return UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        **extra,
-    ).eval()
+    config = dict(UNET, cross_attention_dim=cross_attention_dim, **(SDXL_UNET if sdxl else {}))
+    return _seeded(UNet2DConditionModel, config, seed, overrides)
+
+
+def tiny_sd3_transformer(seed: int = 0, **overrides):
+    from diffusers import SD3Transformer2DModel
+
+    return _seeded(SD3Transformer2DModel, SD3, seed, overrides)
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides):
+    from diffusers import FluxTransformer2DModel
+
+    return _seeded(FluxTransformer2DModel, FLUX, seed, overrides)
+
+
+def tiny_dit_transformer(seed: int = 0, **overrides):
+    from diffusers import DiTTransformer2DModel
+
+    return _seeded(DiTTransformer2DModel, DIT, seed, overrides)
+
+
+def tiny_pixart_transformer(seed: int = 0, **overrides):
+    from diffusers import PixArtTransformer2DModel
+
+    return _seeded(PixArtTransformer2DModel, PIXART, seed, overrides)
 
 
 def _no_progress(pipe):
@@ -220,23 +284,10 @@ def tiny_sdxl_pipeline(scheduler: str = "euler", prediction_type: str = "epsilon
 
 def tiny_sd3_pipeline(scheduler: str = "flow_euler"):
     """SD3 (MMDiT + two CLIPs, no T5: the pipeline feeds zeros for it). Flow matching."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
 
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=2 * CLIP_HIDDEN,
-        caption_projection_dim=16,
-        pooled_projection_dim=2 * CLIP_HIDDEN,
-    ).eval()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
+        transformer=tiny_sd3_transformer(),
         scheduler=make_scheduler(scheduler, flow=scheduler != "flow_euler"),
         vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=clip_text_encoder(with_projection=True, seed=0),
@@ -251,22 +302,10 @@ def tiny_sd3_pipeline(scheduler: str = "flow_euler"):
 
 def tiny_flux_pipeline(scheduler: str = "flow_euler"):
     """Flux (double + single stream blocks, CLIP + T5), packed 2x2 latent tokens. 32 px -> 16x16x4 latent."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
 
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=CLIP_HIDDEN,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
     pipe = FluxPipeline(
-        transformer=transformer,
+        transformer=tiny_flux_transformer(),
         scheduler=make_scheduler(scheduler, flow=scheduler != "flow_euler"),
         vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5035),
         text_encoder=clip_text_encoder(with_projection=False, seed=0),
@@ -279,22 +318,10 @@ def tiny_flux_pipeline(scheduler: str = "flow_euler"):
 
 def tiny_dit_pipeline(scheduler: str = "ddim"):
     """Class-conditional DiTPipeline (learned sigma: 8 output channels), 16x16x4 latents, 10 classes."""
-    from diffusers import DiTPipeline, DiTTransformer2DModel
+    from diffusers import DiTPipeline
 
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-        norm_num_groups=2,
-    ).eval()
     pipe = DiTPipeline(
-        transformer=transformer,
+        transformer=tiny_dit_transformer(),
         vae=tiny_vae(),
         scheduler=make_scheduler(scheduler),
         id2label={i: f"class{i}" for i in range(10)},
@@ -304,22 +331,10 @@ def tiny_dit_pipeline(scheduler: str = "ddim"):
 
 def tiny_pixart_pipeline(scheduler: str = "dpmpp"):
     """PixArt-alpha (T5 + DiT with learned sigma), 16x16x4 latents."""
-    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import PixArtAlphaPipeline
 
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=16,
-        patch_size=2,
-        cross_attention_dim=16,
-        caption_channels=32,
-    ).eval()
     pipe = PixArtAlphaPipeline(
-        transformer=transformer,
+        transformer=tiny_pixart_transformer(),
         scheduler=make_scheduler(scheduler),
         vae=tiny_vae(),
         text_encoder=t5_encoder(d_model=32),
