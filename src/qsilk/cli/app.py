@@ -312,6 +312,28 @@ def _prepare(
     return _Prepared(pipe, settings, conditions, seed_list, models.versions())
 
 
+def _check_qrm(spec: str) -> None:
+    """``--qrm`` checked before any model is loaded: 'demo' or an existing QRM checkpoint."""
+    from qsilk.qrm.cli import check_qrm_option
+
+    try:
+        check_qrm_option(spec)
+    except (ValueError, OSError) as e:
+        raise CliError(str(e)) from None
+
+
+def _attach_qrm(prepared: _Prepared, spec: str) -> None:
+    """Attach the ``--qrm`` QRM to the loaded pipeline; its record goes into every image's settings."""
+    import dataclasses
+
+    from qsilk.qrm.cli import attach_qrm_option
+
+    try:
+        prepared.settings = dataclasses.replace(prepared.settings, qrm=attach_qrm_option(prepared.pipe, spec))
+    except (ValueError, TypeError, OSError) as e:
+        raise CliError(f"--qrm: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -369,12 +391,7 @@ def generate(
             raise CliError(f"QSilk options ({', '.join(given)}) given with --no-qsilk")
         qsilk_config = options.build_config(config, flags, preset=preset) if use_qsilk else None
         if qrm is not None:
-            from qsilk.qrm.cli import check_qrm_option
-
-            try:
-                check_qrm_option(qrm)
-            except (ValueError, OSError) as e:
-                raise CliError(str(e)) from None
+            _check_qrm(qrm)
 
     console = _console()
     prepared = _prepare(
@@ -384,14 +401,7 @@ def generate(
         uses_qsilk=use_qsilk, threads=threads, validate_more=check_qsilk, console=console,
     )  # fmt: skip
     if qrm is not None:
-        import dataclasses
-
-        from qsilk.qrm.cli import attach_qrm_option
-
-        try:
-            prepared.settings = dataclasses.replace(prepared.settings, qrm=attach_qrm_option(prepared.pipe, qrm))
-        except (ValueError, TypeError, OSError) as e:
-            raise CliError(f"--qrm: {e}") from None
+        _attach_qrm(prepared, qrm)
     jobs = [runs.Job(c, s, qsilk_config) for c in prepared.conditions for s in prepared.seeds]
     with runs.output_folder(out):
         results = runs.run_jobs(prepared.pipe, prepared.settings, jobs, out, versions=prepared.versions, console=console)
@@ -463,12 +473,7 @@ def compare(
             built = options.build_config(source, {})
             named.append((options.config_label(source, built), built))
         if qrm is not None:
-            from qsilk.qrm.cli import check_qrm_option
-
-            try:
-                check_qrm_option(qrm)
-            except (ValueError, OSError) as e:
-                raise CliError(str(e)) from None
+            _check_qrm(qrm)
             named += [("qrm", None, True)] + [(f"qrm + {label}", config, True) for label, config in named[1:]]
         columns.extend(comparison.make_columns(named))
         if sample < 0:
@@ -485,14 +490,7 @@ def compare(
     if sample >= len(rows):
         raise CliError(f"--sample {sample} is out of range: there are {len(rows)} rows")
     if qrm is not None:
-        import dataclasses
-
-        from qsilk.qrm.cli import attach_qrm_option
-
-        try:
-            prepared.settings = dataclasses.replace(prepared.settings, qrm=attach_qrm_option(prepared.pipe, qrm))
-        except (ValueError, TypeError, OSError) as e:
-            raise CliError(f"--qrm: {e}") from None
+        _attach_qrm(prepared, qrm)
     jobs = [
         runs.Job(c, s, col.config, folder=f"images/{col.folder}", qrm=col.qrm) for col in columns for c, s in rows
     ]
