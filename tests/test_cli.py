@@ -24,28 +24,18 @@ from typer.testing import CliRunner  # noqa: E402
 import qsilk  # noqa: E402
 from qsilk.cli import app  # noqa: E402
 from qsilk.cli.runs import read_png_record  # noqa: E402
+from tiny_pipelines import tiny_demo_pipeline  # noqa: E402
 
 STEPS = "3"
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    """A tiny demo pipeline saved to disk. adaLN-Zero starts the DiT as a zero predictor, so its weights are
-    perturbed: images then depend on class, seed and QSilk like a trained model's would."""
+    """A tiny demo pipeline (random weights, perturbed DiT: images depend on class, seed and QSilk) saved to disk."""
     from diffusers import DDIMScheduler
 
-    from qsilk.models.demo import CLASS_NAMES, QSilkDemoPipeline
-    from qsilk.models.demo.autoencoder import build_autoencoder
-    from qsilk.models.demo.dit import SCHEDULE_CONFIG, build_dit
-
-    torch.manual_seed(0)
-    transformer, vae = build_dit(preset="tiny"), build_autoencoder("tiny")
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    pipe = QSilkDemoPipeline(transformer, vae, DDIMScheduler(**SCHEDULE_CONFIG), id2label=dict(enumerate(CLASS_NAMES)))
     folder = tmp_path_factory.mktemp("tiny-demo") / "demo"
-    pipe.save_pretrained(folder)
+    tiny_demo_pipeline(DDIMScheduler).save_pretrained(folder)
     return folder
 
 

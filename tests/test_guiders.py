@@ -14,28 +14,10 @@ from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance 
 
 from qsilk.baselines import MimicScaleGuidance, imagen_thresholding, mimic_scale_threshold  # noqa: E402
 from qsilk.study.methods import PARTS, get_method, method_names  # noqa: E402
+from tiny_pipelines import tiny_demo_pipeline  # noqa: E402
 
 STEPS = 4
 CFG = 6.0
-
-
-def tiny_demo_pipeline(scheduler_cls=DPMSolverMultistepScheduler):
-    """A random-weight tiny demo pipeline; the DiT is perturbed away from adaLN-Zero's zero predictor so images
-    depend on class, seed and guidance like a trained model's."""
-    from qsilk.models.demo import CLASS_NAMES, QSilkDemoPipeline
-    from qsilk.models.demo.autoencoder import build_autoencoder
-    from qsilk.models.demo.dit import SCHEDULE_CONFIG, build_dit
-
-    torch.manual_seed(0)
-    transformer, vae = build_dit(preset="tiny"), build_autoencoder("tiny")
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    pipe = QSilkDemoPipeline(
-        transformer, vae, scheduler_cls(**SCHEDULE_CONFIG), id2label=dict(enumerate(CLASS_NAMES))
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import qsilk  # noqa: E402
 from qsilk import QSilkConfig  # noqa: E402
 from qsilk.integrations.diffusers import CFG_ORDER, QSilkHandle, cfg_order_of  # noqa: E402
 from test_attention_probe import SHARPEN, in_region, region_stats  # noqa: E402
-from tiny_pipelines import run, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd_pipeline  # noqa: E402
+from tiny_pipelines import run, tiny_demo_pipeline, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -362,17 +362,8 @@ def test_demo_pipeline_is_cond_first_and_works_in_attention_mode():
     from diffusers import DDIMScheduler
 
     from qsilk.integrations.diffusers import cfg_order_of
-    from qsilk.models.demo import QSilkDemoPipeline
-    from qsilk.models.demo.autoencoder import build_autoencoder
-    from qsilk.models.demo.dit import SCHEDULE_CONFIG, build_dit
 
-    torch.manual_seed(0)
-    transformer, vae = build_dit(preset="tiny"), build_autoencoder("tiny")
-    with torch.no_grad():  # adaLN-Zero starts as a zero predictor: perturb it so attention has structure
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    pipe = QSilkDemoPipeline(transformer, vae, DDIMScheduler(**SCHEDULE_CONFIG))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_demo_pipeline(DDIMScheduler)  # its DiT is perturbed away from zero: attention has structure
     assert cfg_order_of(pipe) == "cond_uncond"
 
     def sample():

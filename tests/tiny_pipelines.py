@@ -4,6 +4,8 @@ Stable entry points (other test files import them):
     tiny_sd_pipeline(prediction_type="epsilon", scheduler="ddim")   SD 1.x layout, 32 px -> 16x16 latent
     tiny_dit_pipeline(scheduler="ddim")                             class-conditional DiTPipeline, 16x16 latent
     tiny_sdxl_pipeline / tiny_sd3_pipeline / tiny_flux_pipeline / tiny_pixart_pipeline
+    tiny_demo_pipeline(scheduler_cls=None)                          the demo model's pipeline, 'tiny' preset
+    tiny_unet / tiny_vae / tiny_*_transformer(seed=0, **overrides)  the denoisers alone, config entries overridden
     make_scheduler(name, prediction_type="epsilon", flow=False)     see SCHEDULERS
     call_kwargs(pipe, steps=3, seed=0, **overrides)                 tiny, deterministic pipeline call arguments
 
@@ -340,6 +342,26 @@ def tiny_pixart_pipeline(scheduler: str = "dpmpp"):
         text_encoder=t5_encoder(d_model=32),
         tokenizer=t5_tokenizer(),
     )
+    return _no_progress(pipe)
+
+
+def tiny_demo_pipeline(scheduler_cls=None):
+    """The demo model's pipeline (QSilkDemoPipeline) at its 'tiny' preset, DPM-Solver++ unless ``scheduler_cls``.
+    adaLN-Zero starts the DiT as a zero predictor, so its random weights are perturbed: images then depend on
+    class, seed and guidance, and attention has structure, like a trained model's."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from qsilk.models.demo import CLASS_NAMES, QSilkDemoPipeline
+    from qsilk.models.demo.autoencoder import build_autoencoder
+    from qsilk.models.demo.dit import SCHEDULE_CONFIG, build_dit
+
+    torch.manual_seed(0)
+    transformer, vae = build_dit(preset="tiny"), build_autoencoder("tiny")
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    scheduler = (scheduler_cls or DPMSolverMultistepScheduler)(**SCHEDULE_CONFIG)
+    pipe = QSilkDemoPipeline(transformer, vae, scheduler, id2label=dict(enumerate(CLASS_NAMES)))
     return _no_progress(pipe)
 
 
