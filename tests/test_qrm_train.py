@@ -34,17 +34,17 @@ def tiny_reward():
 CONFIG = dict(batch_size=2, num_inference_steps=3, checkpoint_every=2, lr=3e-3, warmup=1, seed=5)
 
 
-def small_qrm_config(pipe):
-    return QRMConfig.for_transformer(pipe.transformer, "light", width=16, num_heads=2, depth=1, rank=4)
+def train_small(pipe, out, config, reward, **extra):
+    """train_qrm of a small light QRM, no progress bar."""
+    qrm_config = QRMConfig.for_transformer(pipe.transformer, "light", width=16, num_heads=2, depth=1, rank=4)
+    return train_qrm(pipe, out, config, reward=reward, qrm_config=qrm_config, progress_bar=False, **extra)
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     pipe = tiny_demo_pipeline()
     reward = tiny_reward()
     config = TrainConfig(steps=5, **CONFIG)
-    full = train_qrm(
-        pipe, tmp_path / "full", config, reward=reward, qrm_config=small_qrm_config(pipe), progress_bar=False
-    )
+    full = train_small(pipe, tmp_path / "full", config, reward)
 
     class Killed(Exception):
         pass
@@ -54,24 +54,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train_qrm(
-            pipe,
-            tmp_path / "resumed",
-            config,
-            reward=reward,
-            qrm_config=small_qrm_config(pipe),
-            progress_bar=False,
-            on_step=kill_at_3,
-        )
+        train_small(pipe, tmp_path / "resumed", config, reward, on_step=kill_at_3)
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 2
-    resumed = train_qrm(
-        pipe,
-        tmp_path / "resumed",
-        config,
-        reward=reward,
-        qrm_config=small_qrm_config(pipe),
-        progress_bar=False,
-    )
+    resumed = train_small(pipe, tmp_path / "resumed", config, reward)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert any(float(p.abs().max()) > 0 for p in full.basis_out.parameters())  # it trained
@@ -84,14 +69,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     with attach(pipe, loaded):
         pipe([1, 2], num_inference_steps=2, output_type="latent")
     with pytest.raises(ValueError, match="different training config"):
-        train_qrm(
-            pipe,
-            tmp_path / "full",
-            TrainConfig(steps=6, **dict(CONFIG, lr=1e-2)),
-            reward=reward,
-            qrm_config=small_qrm_config(pipe),
-            progress_bar=False,
-        )
+        train_small(pipe, tmp_path / "full", TrainConfig(steps=6, **dict(CONFIG, lr=1e-2)), reward)
 
 
 def test_training_raises_the_reward(tmp_path):
@@ -109,9 +87,7 @@ def test_training_raises_the_reward(tmp_path):
         window=(1.0, 1.0),
     )
     brightness = lambda images, labels: images.mean(dim=(1, 2, 3))  # noqa: E731
-    train_qrm(
-        pipe, tmp_path, config, reward=brightness, qrm_config=small_qrm_config(pipe), progress_bar=False
-    )
+    train_small(pipe, tmp_path, config, brightness)
     gains = [
         json.loads(line)["reward_gain"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
