@@ -1,5 +1,6 @@
 """AttentionEntropyProbe on tiny random-weight diffusers denoisers (UNet, SD3, Flux, DiT, PixArt)."""
 
+import contextlib
 import math
 import warnings
 
@@ -379,6 +380,16 @@ def sharpen_queries(module, grid_of, regions_per_sample, image_tokens_last=False
     return module.register_forward_hook(hook)
 
 
+@contextlib.contextmanager
+def removing(handles):
+    """The hooks (e.g. of sharpen_queries) stay for the block and are removed on exit, also on failure."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 TOP_RIGHT = (0.0, 0.5, 0.7, 1.0)
 BOTTOM_LEFT = (0.5, 1.0, 0.0, 0.3)
 
@@ -409,11 +420,9 @@ def test_alignment_unet_non_square():
     unet = make_unet()
     probe = AttentionEntropyProbe(unet, layers=["*attn1"], max_queries=64)
     handles = [sharpen_queries(layer.module.to_q, unet_grid, [TOP_RIGHT]) for layer in probe.layers]
-    with probe:
+    with removing(handles), probe:
         run(unet, unet_inputs(batch=1))
         confidence = probe.confidence(LATENT_HW, 1)
-    for handle in handles:
-        handle.remove()
     assert_highlights(confidence, TOP_RIGHT)
 
 
@@ -428,11 +437,9 @@ def test_alignment_flux_packed_latent():
         )
         for layer in probe.layers
     ]
-    with probe:
+    with removing(handles), probe:
         run(model, flux_inputs(batch=1))
         confidence = probe.confidence(LATENT_HW, 1)
-    for handle in handles:
-        handle.remove()
     assert_highlights(confidence, TOP_RIGHT)
 
 
@@ -442,7 +449,7 @@ def test_cfg_batch_reads_the_conditional_half():
     cfg_flag = {"on": True}
     probe = AttentionEntropyProbe(unet, layers=["*attn1"], cfg_batched=lambda: cfg_flag["on"])
     handles = [sharpen_queries(layer.module.to_q, unet_grid, regions) for layer in probe.layers]
-    with probe:
+    with removing(handles), probe:
         run(unet, unet_inputs(batch=2))
         confidence = probe.confidence(LATENT_HW, 1)
         assert confidence.shape == (1, 1, *LATENT_HW)
@@ -453,18 +460,16 @@ def test_cfg_batch_reads_the_conditional_half():
         both = probe.confidence(LATENT_HW, 2)
         assert_highlights(both[:1], BOTTOM_LEFT)
         assert_highlights(both[1:], TOP_RIGHT)
-    for handle in handles:
-        handle.remove()
 
 
 def test_cfg_auto_and_order():
     """ "auto" tells a CFG batch from the latent batch size; cfg_order picks the half (DiTPipeline: cond first)."""
     unet = make_unet()
     regions = [BOTTOM_LEFT, TOP_RIGHT]
-    handles = []
-    try:
+    handles = []  # registered once the first probe is on, kept for the second
+    with removing(handles):
         with AttentionEntropyProbe(unet, layers=["*attn1"]) as probe:
-            handles = [sharpen_queries(layer.module.to_q, unet_grid, regions) for layer in probe.layers]
+            handles += [sharpen_queries(layer.module.to_q, unet_grid, regions) for layer in probe.layers]
             run(unet, unet_inputs(batch=2))
             assert_highlights(probe.confidence(LATENT_HW, 1), TOP_RIGHT)
             run(unet, unet_inputs(batch=2))
@@ -478,9 +483,6 @@ def test_cfg_auto_and_order():
         ) as probe:
             run(unet, unet_inputs(batch=2))
             assert_highlights(probe.confidence(LATENT_HW, 1), BOTTOM_LEFT)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def test_separate_forwards_keep_the_first_one():
@@ -532,13 +534,9 @@ def test_sharper_attention_gives_higher_confidence():
         handles = [
             sharpen_queries(layer.module.to_q, unet_grid, [TOP_RIGHT], gain=gain) for layer in probe.layers
         ]
-        try:
-            with probe:
-                run(unet, unet_inputs(batch=1))
-                confidence = probe.confidence(LATENT_HW, 1)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with removing(handles), probe:
+            run(unet, unet_inputs(batch=1))
+            confidence = probe.confidence(LATENT_HW, 1)
         levels[gain] = float(region_stats(confidence, TOP_RIGHT)[2])
         # Outside the region queries are 0: uniform attention, normalised entropy 1, confidence 0.
         assert float(region_stats(confidence, TOP_RIGHT)[1]) < 1e-4
