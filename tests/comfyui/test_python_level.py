@@ -8,31 +8,14 @@ import comfyui_qsilk as pack
 import pytest
 import torch
 from comfy_helpers import add_spy, flux_sample, ksample, tiny_flux, tiny_sd15
+from workflows import QSILK_DEFAULTS
 
 from qsilk import QSilk, QSilkConfig
 from qsilk.attention.entropy import attention_entropy, entropy_to_confidence, normalized_entropy
 from qsilk.integrations import comfyui as qc
 
-WIDGETS = {
-    "clamp": True,
-    "clamp_quantile": 0.001,
-    "clamp_mode": "soft",
-    "clamp_per_channel": False,
-    "clamp_softness": 0.25,
-    "clamp_window_start": 0.0,
-    "clamp_window_end": 1.0,
-    "aqclip": True,
-    "aqclip_tile": 16,
-    "aqclip_stride": 8,
-    "aqclip_k_min": 2.5,
-    "aqclip_k_max": 4.5,
-    "aqclip_softness": 0.25,
-    "aqclip_window_start": 0.0,
-    "aqclip_window_end": 1.0,
-    "confidence": "structure",
-    "ema": 0.0,
-    "placement": "x0",
-}
+# The QSilk node's widgets at their defaults (the tests pass preset and config_json themselves).
+WIDGETS = {k: v for k, v in QSILK_DEFAULTS.items() if k not in ("preset", "config_json")}
 STRONG = (
     '{"clamp_quantile": 0.02, "aqclip_tile": 4, "aqclip_stride": 2, "aqclip_k_min": 0.5, "aqclip_k_max": 1.0}'
 )
