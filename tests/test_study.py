@@ -274,13 +274,21 @@ def test_accelerate_two_processes_give_the_same_numbers(finished, study_env, tmp
     pytest.importorskip("accelerate")
     root, env = study_env
     out = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qsilk.study"]  # fmt: skip
     result = subprocess.run([*launch, *study_args(root, out), "--no-progress"], env=env, capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("results.json", "results.csv"):
         assert (out / name).read_bytes() == (finished / name).read_bytes()
+    # two processes really shared the work (a launcher that starts one process would pass the check above too)
+    from safetensors import safe_open
+
+    writers = set()
+    for chunk in (out / "cells").glob("*/chunk-*.safetensors"):
+        with safe_open(str(chunk), "pt") as f:
+            writers.add(f.metadata()["process"])
+    assert writers == {"0/2", "1/2"}
 
 
 def test_resume_refuses_a_different_fixed_setting(finished, study_env, tmp_path):

@@ -1,7 +1,7 @@
 """``python -m qsilk.study`` / ``accelerate launch -m qsilk.study`` / ``qsilk study``: run (or resume) a study.
 
     python -m qsilk.study --out runs/corner --methods cfg-rescale fdg qsilk fdg+qsilk --steps 4 8 --cfg 6 9 --n 500
-    accelerate launch --num_processes 2 --cpu -m qsilk.study --out runs/corner ...   # same numbers, two processes
+    accelerate launch --multi_gpu --num_processes 2 -m qsilk.study --out runs/corner ...   # two processes (CPU too), same numbers
     python -m qsilk.study --out runs/corner --spec study.json                        # several blocks, from JSON
     python -m qsilk.study --out runs/corner --report-only                            # rewrite results and report
 

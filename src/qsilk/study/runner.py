@@ -135,12 +135,21 @@ def code_version() -> dict[str, Any]:
 
 
 def _dist_state():
-    """accelerate's process state when launched by ``accelerate launch`` (or torchrun), else None."""
+    """accelerate's process state when launched by ``accelerate launch --multi_gpu`` (or torchrun), else None.
+
+    Without CUDA, PartialState must be told ``cpu=True`` to join the process group (gloo): otherwise every process
+    believes it is alone and all of them do every unit. (``accelerate launch --cpu`` starts a single process.)"""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
 
-    return PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise ValueError(
+            f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate sees {state.num_processes}: "
+            "use `accelerate launch --multi_gpu --num_processes N` (also on CPU) or torchrun"
+        )
+    return state
 
 
 # -- the study ------------------------------------------------------------------------------------------------------------
@@ -360,7 +369,8 @@ class Study:
                     raise ValueError(f"cell {cell.key}: non-finite images in samples {start}..{start + count - 1}")
                 images_u8 = to_uint8(images)
                 tensors = {"images": images_u8, **self._features(images_u8, self.spec.metrics)}
-                meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True), "code": self.code}
+                meta = {"seconds": f"{seconds:.4f}", "record": json.dumps(record, sort_keys=True), "code": self.code,
+                        "process": f"{self.rank}/{self.world}"}  # fmt: skip
                 atomic_save_tensors(tensors, self.unit_path(unit), metadata=meta)
                 bar.update(f"{cell.key} {start}")
 
