@@ -64,19 +64,25 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
                 p.add_(0.01 * torch.randn_like(p))
         qrms[kind] = qrm
     times: dict[str, list[float]] = {"plain": [], **{k: [] for k in kinds}}
+    # CPU seconds of this process beside wall seconds: on a shared machine other jobs stretch wall time by tens of
+    # per cent from call to call, while the process's own CPU time moves far less.
+    cpu: dict[str, list[float]] = {k: [] for k in times}
 
-    def call() -> float:
-        start = time.perf_counter()
+    def call(name: str) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             transformer(x, timestep=t, class_labels=labels)
-        return time.perf_counter() - start
+        times[name].append(time.perf_counter() - start)
+        cpu[name].append(time.process_time() - start_cpu)
 
-    call()  # warm-up
+    call("plain")  # warm-up, not counted
+    times["plain"].clear()
+    cpu["plain"].clear()
     for _ in range(repeats):
-        times["plain"].append(call())
+        call("plain")
         for kind, qrm in qrms.items():
             attach(transformer, qrm)
-            times[kind].append(call())
+            call(kind)
             detach(transformer)
     backbone = sum(p.numel() for p in transformer.parameters())
     plain = statistics.median(times["plain"])
@@ -88,6 +94,7 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
         "threads": torch.get_num_threads(),
         "plain_step_ms": plain * 1e3,
         "plain_step_ms_min": min(times["plain"]) * 1e3,
+        "plain_step_cpu_ms": statistics.median(cpu["plain"]) * 1e3,
     }
     for kind, qrm in qrms.items():
         med = statistics.median(times[kind])
@@ -101,6 +108,8 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
             # minima: the least disturbed call of each (a busy shared CPU inflates medians unevenly)
             "step_ms_min": min(times[kind]) * 1e3,
             "overhead_percent_min": 100 * (min(times[kind]) - min(times["plain"])) / min(times["plain"]),
+            "step_cpu_ms": statistics.median(cpu[kind]) * 1e3,
+            "overhead_percent_cpu": 100 * (statistics.median(cpu[kind]) / statistics.median(cpu["plain"]) - 1),
         }
     return result
 

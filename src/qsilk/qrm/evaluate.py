@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .io import atomic_save_tensors, atomic_write_bytes
+from qsilk.files import atomic_save_tensors, atomic_write_bytes
 
 CHUNK = 50
 

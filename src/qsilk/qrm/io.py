@@ -15,8 +15,7 @@ from qsilk.files import atomic_save_tensors, atomic_write_bytes
 from .config import QRMConfig
 from .module import QRM
 
-# atomic_* are imported from here by the QRM trainer and evaluator.
-__all__ = ["FORMAT", "atomic_save_tensors", "atomic_write_bytes", "load_qrm", "read_qrm_record", "save_qrm"]
+__all__ = ["FORMAT", "load_qrm", "read_qrm_record", "save_qrm"]
 
 FORMAT = "qsilk-qrm/1"
 

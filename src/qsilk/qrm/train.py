@@ -30,9 +30,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from qsilk.files import atomic_save_tensors, atomic_write_bytes
+
 from .config import QRMConfig
 from .hooks import QRMHandle, attach, detach
-from .io import atomic_save_tensors, atomic_write_bytes, save_qrm
+from .io import save_qrm
 from .module import QRM
 from .rewards import ClassifierReward, x0_penalty
 
