@@ -217,27 +217,22 @@ def inception_only(out: Path, arms: list[str], n_ref: int, batch: int = 100, ref
         print(f"{arm} inception done", flush=True)
 
 
-class FrechetToReference:
-    """Frechet distance of sample feature sets to one fixed reference, fast enough to bootstrap: with n < D the
-    trace term uses the eigenvalues of the n x n Gram matrix of the centred, reference-whitened features."""
+def frechet_stat(key: str, reference: torch.Tensor):
+    """``stat(features, idx)`` for :func:`paired_bootstrap`: the Frechet distance of ``features[key][idx]`` to the
+    reference, through one :class:`~qsilk.eval.metrics.FrechetReplicates` per feature set (built on first use), so
+    a resample only re-indexes a precomputed Gram matrix."""
+    from qsilk.eval.metrics import FrechetReplicates
 
-    def __init__(self, reference: torch.Tensor):
-        ref = reference.double()
-        self.mu = ref.mean(0)
-        cov = torch.cov(ref.T)
-        vals, vecs = torch.linalg.eigh((cov + cov.T) / 2)
-        self.root = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-        self.trace = float(cov.trace())
+    built: dict[int, tuple[torch.Tensor, FrechetReplicates]] = {}
 
-    def __call__(self, features: torch.Tensor) -> float:
-        x = features.double()
-        n = len(x)
-        centred = x - x.mean(0)
-        y = centred @ self.root
-        gram = (y @ y.T) / (n - 1)
-        cross = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum()
-        trace = float(centred.pow(2).sum() / (n - 1))
-        return float((x.mean(0) - self.mu).pow(2).sum() + self.trace + trace - 2 * cross)
+    def stat(features: dict, idx: torch.Tensor) -> float:
+        values = features[key]
+        entry = built.get(id(values))
+        if entry is None or entry[0] is not values:
+            entry = built[id(values)] = (values, FrechetReplicates(values, reference, kid_key=None))
+        return entry[1](idx)["fd"]
+
+    return stat
 
 
 def paired_bootstrap(stat, base: dict, arm: dict, n: int, reps: int, seed: int = 0) -> dict:
@@ -273,8 +268,8 @@ def report(
     ref = reference_features(out, n_ref, judge)
     base_name, others = arms[0], arms[1:]
     base = arm_features(out, base_name, judge)
-    fid = FrechetToReference(ref["inception"])
-    fd = FrechetToReference(ref["fmnist"])
+    fid = frechet_stat("inception", ref["inception"])
+    fd = frechet_stat("fmnist", ref["fmnist"])
     result = {
         "n": len(base["labels"]),
         "n_ref": n_ref,
@@ -292,12 +287,10 @@ def report(
                 lambda f, i: float(f["judge_correct"][i].mean()), base, arm, n, reps
             ),
             "judge_logp": paired_bootstrap(lambda f, i: float(f["judge_logp"][i].mean()), base, arm, n, reps),
-            "fd_fmnist": paired_bootstrap(lambda f, i: fd(f["fmnist"][i]), base, arm, n, reps_frechet),
+            "fd_fmnist": paired_bootstrap(fd, base, arm, n, reps_frechet),
         }
         if name not in judge_only:
-            result["arms"][name]["fid_inception"] = paired_bootstrap(
-                lambda f, i: fid(f["inception"][i]), base, arm, n, reps_frechet
-            )
+            result["arms"][name]["fid_inception"] = paired_bootstrap(fid, base, arm, n, reps_frechet)
     atomic_write_bytes(out / "report.json", json.dumps(result, indent=2).encode())
     return result
 

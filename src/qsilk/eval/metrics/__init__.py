@@ -26,6 +26,7 @@ from .base import FeatureMetric, check_images
 from .frechet import (
     ClassifierFD,
     FrechetMetric,
+    FrechetReplicates,
     InceptionFID,
     ReferenceStats,
     frechet_distance,
@@ -85,6 +86,7 @@ __all__ = [
     "Saturation",
     "ArtifactEnergy",
     "check_images",
+    "FrechetReplicates",
     "frechet_distance",
     "frechet_distance_to",
     "ReferenceStats",
