@@ -222,7 +222,7 @@ def test_markdown_tables_of_a_finished_study(finished, capsys):
     assert main(["--out", str(finished), "--table", "fd_pool", "spectral_hf_gap"]) == 0
     text = capsys.readouterr().out
     assert text.count("| plain CFG (value) |") == 2  # 2 and 6 steps
-    assert "| cfg-guider | +0.000 [+0.000, +0.000] | +0.000 [+0.000, +0.000] |" in text
+    assert "| cfg-guider | +0 [+0, +0] | +0 [+0, +0] |" in text
     assert "| method | fd_pool | spectral_hf_gap |" in text
     assert text.count("| cfg-guider+qsilk-strong vs cfg-guider |") == 2
 

@@ -149,7 +149,7 @@ def to_csv(results: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
     """Markdown tables per (scheduler, steps, CFG): plain CFG's value, then each method's delta [95 % CI]
-    (bold: the interval excludes 0), and for composed methods the delta to each of their parts ("A+B vs A")."""
+    (3 significant digits; bold: the interval excludes 0), and for composed methods the delta to each of their parts ("A+B vs A")."""
     present = [k for k in keys if any(r["key"] == k for r in results["comparisons"])]
     base = {(c["scheduler"], c["steps"], c["cfg"]): {k.partition(".")[2]: v for k, v in c["scores"].items()}
             for c in results["cells"] if c["method"] == BASELINE}  # fmt: skip
@@ -170,7 +170,7 @@ def markdown(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
                 if r is None:
                     cells.append("")
                     continue
-                text = f"{r['delta']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+                text = f"{r['delta']:+.3g} [{r['ci_low']:+.3g}, {r['ci_high']:+.3g}]"
                 cells.append(f"**{text}**" if r["excludes_zero"] else text)
             label = method if baseline == BASELINE else f"{method} vs {baseline}"
             out.append(f"| {label} | " + " | ".join(cells) + " |")
