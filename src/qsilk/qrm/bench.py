@@ -78,11 +78,15 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
     call("plain")  # warm-up, not counted
     times["plain"].clear()
     cpu["plain"].clear()
-    for _ in range(repeats):
-        call("plain")
-        for kind, qrm in qrms.items():
-            attach(transformer, qrm)
-            call(kind)
+    # The order rotates every round, so "first call after a detach" and slow drift do not land on one arm.
+    arms = ["plain", *qrms]
+    for r in range(repeats):
+        for name in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            if name == "plain":
+                call(name)
+                continue
+            attach(transformer, qrms[name])
+            call(name)
             detach(transformer)
     backbone = sum(p.numel() for p in transformer.parameters())
     plain = statistics.median(times["plain"])

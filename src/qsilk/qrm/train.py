@@ -41,21 +41,23 @@ from .rewards import ClassifierReward, x0_penalty
 
 @dataclass
 class TrainConfig:
+    """Defaults: the recipe of the shipped demo QRM (docs/qrm.md), so ``qsilk train-qrm --out DIR`` reproduces it."""
+
     kind: str = "light"
-    steps: int = 1500
+    steps: int = 240
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 50
+    warmup: int = 20
     grad_clip: float = 1.0
     num_inference_steps: int = 8
-    cfg_min: float = 3.0
-    cfg_max: float = 7.0
+    cfg_min: float = 2.0
+    cfg_max: float = 6.0
     window: tuple[float, float] = (0.0, 1.0)
-    reg_weight: float = 1.0
+    reg_weight: float = 40.0  # chosen on validation seeds: 10 bought judge gains with in-domain FD (docs/qrm.md)
     apply_to_uncond: bool = False
     seed: int = 0
-    checkpoint_every: int = 50
+    checkpoint_every: int = 20
 
     def __post_init__(self) -> None:
         self.window = tuple(float(w) for w in self.window)
