@@ -141,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kinds", nargs="+", default=["light", "faithful"])
+    parser.add_argument("--batch", type=int, default=1, help="images per call (the CFG batch is twice this)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    text = json.dumps(bench(args.model, args.repeats, kinds=args.kinds), indent=2)
+    text = json.dumps(bench(args.model, args.repeats, batch=args.batch, kinds=args.kinds), indent=2)
     print(text)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
