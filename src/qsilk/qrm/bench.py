@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import QRMConfig
-from .hooks import attach, detach
+from .hooks import attach
 from .module import QRM
 
 DIT_XL = dict(
@@ -85,9 +85,8 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
             if name == "plain":
                 call(name)
                 continue
-            attach(transformer, qrms[name])
-            call(name)
-            detach(transformer)
+            with attach(transformer, qrms[name]):  # detached on leaving, also on error
+                call(name)
     backbone = sum(p.numel() for p in transformer.parameters())
     plain = statistics.median(times["plain"])
     result = {
@@ -105,15 +104,13 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
     # this resolves a 1 % overhead where the difference of two whole-step timings cannot.
     hook_ms = {}
     for kind, qrm in qrms.items():
-        handle = attach(transformer, qrm)
         call_kwargs = {"hidden_states": x, "timestep": t, "class_labels": labels}
         samples = []
-        with torch.no_grad():
+        with attach(transformer, qrm) as handle, torch.no_grad():
             for _ in range(max(repeats, 5) + 1):
                 start = time.perf_counter()
                 handle._on_call(transformer, (), call_kwargs)
                 samples.append(time.perf_counter() - start)
-        detach(transformer)
         hook_ms[kind] = statistics.median(samples[1:]) * 1e3
     for kind, qrm in qrms.items():
         med = statistics.median(times[kind])
