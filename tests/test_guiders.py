@@ -94,7 +94,7 @@ def test_bad_guider_arguments(pipe):
 
 BASELINES = [
     "cfg-rescale", "interval", "apg", "cfg-zero-star", "fdg", "tcfg", "mimic-dt", "imagen-dt", "ref-clamp",
-    "ref-aqclip", "qsilk", "qsilk-strong", "qsilk-clamp", "qsilk-hard", "qsilk-tile8", "qsilk-attention",
+    "ref-aqclip", "cond-corridor", "cond-corridor-late", "qsilk", "qsilk-strong", "qsilk-clamp", "qsilk-hard", "qsilk-tile8", "qsilk-attention",
 ]  # fmt: skip
 
 
@@ -214,3 +214,64 @@ def test_imagen_thresholding_uses_the_schedulers_own():
     torch.testing.assert_close(on._threshold_sample(sample_), sample_.clamp(-s, s) / s)
     with pytest.raises(ValueError, match="no Imagen thresholding"):
         imagen_thresholding(EulerDiscreteScheduler())
+
+
+# ------------------------------------------------------------------------------- conditional corridor (qsilk.guidance)
+
+
+def test_conditional_corridor_with_a_huge_k_is_plain_cfg_in_x0_space(pipe):
+    from qsilk.guidance import ConditionalCorridorGuidance
+
+    wide = sample(pipe, output_type="latent", guider=ConditionalCorridorGuidance(guidance_scale=CFG, k=1e6))
+    x0_cfg = sample(pipe, output_type="latent", guider=ClassifierFreeGuidance(guidance_scale=CFG), guidance_space="x0")
+    assert torch.equal(wide, x0_cfg)
+
+
+def test_conditional_corridor_clips_the_guided_x0_into_the_conditional_spread():
+    from qsilk.guidance import ConditionalCorridorGuidance
+    from qsilk.ops import conditional_corridor
+
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    guider = ConditionalCorridorGuidance(guidance_scale=CFG, k=1.0, tile=4, stride=2, softness=0.0)
+    guider.set_state(step=0, num_inference_steps=4, timestep=999)
+    out = guider.forward(cond, uncond)
+    guided = uncond + CFG * (cond - uncond)
+    centre, half = conditional_corridor(guided, cond, None, 4, 2, 1.0, 1.0)
+    torch.testing.assert_close(out, guided.clamp(centre - half, centre + half))
+    assert (out != guided).float().mean() > 0.1  # CFG 6 inflates the spread well beyond the conditional one
+    # no unconditional prediction (CFG 1, outside an interval): nothing to tame, the prediction comes back as is
+    plain_cond = ConditionalCorridorGuidance(guidance_scale=1.0, k=0.5)
+    plain_cond.set_state(step=0, num_inference_steps=4, timestep=999)
+    assert torch.equal(plain_cond.forward(cond, None), cond)
+    # outside its window the corridor is off
+    late = ConditionalCorridorGuidance(guidance_scale=CFG, k=1.0, window=(0.5, 1.0))
+    late.set_state(step=1, num_inference_steps=4, timestep=500)
+    torch.testing.assert_close(late.forward(cond, uncond), guided)
+    late.set_state(step=2, num_inference_steps=4, timestep=250)
+    assert not torch.allclose(late.forward(cond, uncond), guided)
+
+
+def test_conditional_corridor_at_cfg_1_is_the_pipelines_cfg_1(pipe):
+    from qsilk.guidance import ConditionalCorridorGuidance
+
+    assert torch.equal(
+        sample(pipe, guider=ConditionalCorridorGuidance(guidance_scale=1.0, k=0.5)), sample(pipe, guidance_scale=1.0)
+    )
+
+
+def test_conditional_corridor_composes_with_a_guider_and_rejects_bad_arguments(pipe):
+    from qsilk.guidance import ConditionalCorridorGuidance
+
+    with get_method("apg").sampling(pipe, CFG) as kwargs:
+        alone = sample(pipe, output_type="latent", **kwargs)
+    with get_method("apg+cond-corridor").sampling(pipe, CFG) as kwargs:
+        assert isinstance(kwargs["guider"], ConditionalCorridorGuidance)
+        assert isinstance(kwargs["guider"].guider, AdaptiveProjectedGuidance)
+        composed = sample(pipe, output_type="latent", **kwargs)
+    assert torch.isfinite(composed).all() and (composed - alone).abs().max() > 1e-3
+    for bad in [{"k": 0}, {"softness": -1}, {"window": (0.5, 0.5)}, {"window": (-0.1, 1.0)}]:
+        with pytest.raises(ValueError):
+            ConditionalCorridorGuidance(guidance_scale=CFG, **bad)
+    with pytest.raises(ValueError, match="guider or a guidance_scale"):
+        ConditionalCorridorGuidance()

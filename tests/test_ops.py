@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qsilk import QSilk, aqclip, micro_clamp, structure_confidence
-from qsilk.ops import aqclip_corridor, soft_clip, tail_quantiles, tile_starts
+from qsilk.ops import aqclip_corridor, conditional_corridor, soft_clip, tail_quantiles, tile_starts
 from qsilk.ops.quantile import upper_quantile
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -247,27 +247,52 @@ def test_local_spike_is_clipped_more_where_confidence_is_low():
     assert float(y[0, 2, 8, 8]) < float(y[0, 2, 24, 24]) <= 6.0
 
 
-def test_aqclip_tile_statistics_match_an_explicit_per_tile_loop():
-    # Independent computation: loop over tiles, per-channel mean/std, Hann-blend by hand.
-    x = gaussian(1, 2, 21, 19, seed=7)
-    tile, stride = 8, 4
-    centre, half = aqclip_corridor(x, None, tile, stride, k_min=2.0, k_max=2.0)
-    hs, ws = tile_starts(21, tile, stride), tile_starts(19, tile, stride)
-    num = torch.zeros(2, 21, 19, dtype=torch.float64)
+def explicit_tile_fields(x, tile, stride):
+    """Independent computation: loop over tiles, per-channel mean/std, Hann-blend by hand (sample 0, float64)."""
+    _, channels, height, width = x.shape
+    num = torch.zeros(channels, height, width, dtype=torch.float64)
     num_sd = torch.zeros_like(num)
-    den = torch.zeros(21, 19, dtype=torch.float64)
-    for r in hs:
-        for c in ws:
+    den = torch.zeros(height, width, dtype=torch.float64)
+    win = torch.sin(math.pi * (torch.arange(tile, dtype=torch.float64) + 0.5) / tile) ** 2
+    w2 = win[:, None] * win[None, :]
+    for r in tile_starts(height, tile, stride):
+        for c in tile_starts(width, tile, stride):
             patch = x[0, :, r : r + tile, c : c + tile].double()
             mean = patch.mean(dim=(1, 2))
             sd = patch.var(dim=(1, 2), unbiased=False).sqrt()
-            win = torch.sin(math.pi * (torch.arange(tile, dtype=torch.float64) + 0.5) / tile) ** 2
-            w2 = win[:, None] * win[None, :]
             num[:, r : r + tile, c : c + tile] += w2 * mean[:, None, None]
             num_sd[:, r : r + tile, c : c + tile] += w2 * sd[:, None, None]
             den[r : r + tile, c : c + tile] += w2
-    assert torch.allclose(centre[0].double(), num / den, atol=1e-5)
-    assert torch.allclose(half[0].double(), 2.0 * num_sd / den, atol=1e-4)
+    return num / den, num_sd / den
+
+
+def test_aqclip_tile_statistics_match_an_explicit_per_tile_loop():
+    x = gaussian(1, 2, 21, 19, seed=7)
+    centre, half = aqclip_corridor(x, None, 8, 4, k_min=2.0, k_max=2.0)
+    mean, sd = explicit_tile_fields(x, 8, 4)
+    assert torch.allclose(centre[0].double(), mean, atol=1e-5)
+    assert torch.allclose(half[0].double(), 2.0 * sd, atol=1e-4)
+
+
+def test_conditional_corridor_centres_on_the_guided_x0_and_takes_the_conditional_spread():
+    guided = 3.0 * gaussian(1, 2, 21, 19, seed=7) + 0.5
+    cond = gaussian(1, 2, 21, 19, seed=8)
+    centre, half = conditional_corridor(guided, cond, None, 8, 4, k_min=1.5, k_max=1.5)
+    mean, _ = explicit_tile_fields(guided, 8, 4)
+    _, sd = explicit_tile_fields(cond, 8, 4)
+    assert torch.allclose(centre[0].double(), mean, atol=1e-5)
+    assert torch.allclose(half[0].double(), 1.5 * sd, atol=1e-4)
+    # with the guided x0 as its own condition it is AQClip's corridor exactly
+    for a, b in zip(conditional_corridor(guided, guided, None, 8, 4), aqclip_corridor(guided, None, 8, 4)):
+        assert torch.equal(a, b)
+
+
+def test_conditional_corridor_rejects_mismatched_or_non_finite_conditions():
+    x = gaussian(2, 4, 16, 16)
+    with pytest.raises(ValueError, match="x0_cond must have"):
+        conditional_corridor(x, x[:1])
+    with pytest.raises(ValueError, match="non-finite"):
+        conditional_corridor(x, torch.full_like(x, float("nan")))
 
 
 # -- structure confidence ---------------------------------------------------------------------------------------------

@@ -101,6 +101,46 @@ def _index(value, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
 
 
+def _check_tiling(x0: torch.Tensor, tile, stride, k_min: float, k_max: float) -> tuple[int, int]:
+    check_latent(x0, min_dim=4)
+    if x0.dim() != 4:
+        raise ValueError(f"aqclip needs (B, C, H, W) input, got shape {tuple(x0.shape)}")
+    tile, stride = _index(tile, "tile"), _index(stride, "stride")
+    if tile < 1 or stride < 1:
+        raise ValueError(f"tile and stride must be >= 1, got tile={tile}, stride={stride}")
+    if stride > tile:
+        raise ValueError(
+            f"stride ({stride}) must not exceed tile ({tile}), or elements would be left uncovered"
+        )
+    if not (math.isfinite(k_min) and math.isfinite(k_max) and 0 <= k_min <= k_max):
+        raise ValueError(f"need finite 0 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    return tile, stride
+
+
+def _tile_fields(x: torch.Tensor, tile: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element (centre, spread) of fp32 ``x`` (B, C, H, W): per-tile mean and std blended with the window."""
+    _, _, height, width = x.shape
+    avg_h, blend_h = _axis_matrices(height, tile, stride, x.device)
+    avg_w, blend_w = _axis_matrices(width, tile, stride, x.device)
+    offset = x.mean(dim=(2, 3), keepdim=True)  # centring keeps E[x^2] - E[x]^2 well conditioned
+    xc = x - offset
+    # (n, H) @ (B, C, H, W) @ (W, m): batched products over (B, C); each output row sums one sample's values only
+    mean = avg_h @ xc @ avg_w.T  # (B, C, nh, nw)
+    var = (avg_h @ (xc * xc) @ avg_w.T - mean * mean).clamp_min(0.0)
+    return blend_h @ mean @ blend_w.T + offset, blend_h @ var.sqrt() @ blend_w.T
+
+
+def _half_width(x: torch.Tensor, spread: torch.Tensor, conf, k_min: float, k_max: float) -> torch.Tensor:
+    c = conf if conf is not None else 0.5
+    # Floors relative to the sample (never absolute): flat tiles must not clip rounding noise at any scale.
+    floor = (
+        _FLOOR_REL * x.abs().mean(dim=(2, 3), keepdim=True)
+        + 1e-6 * spread.mean(dim=(1, 2, 3), keepdim=True)
+        + 1e-12
+    )
+    return (k_min + (k_max - k_min) * c) * spread + floor
+
+
 def aqclip_corridor(
     x0: torch.Tensor,
     confidence: torch.Tensor | None = None,
@@ -117,41 +157,43 @@ def aqclip_corridor(
     per-sample channel means, products that never mix samples). Statistics are taken on ``x0 / s`` with ``s`` a
     per-sample power of two near max|x0|, so the corridor is exactly equivariant under power-of-two scaling and
     neither over- nor underflows for any finite input."""
-    check_latent(x0, min_dim=4)
-    if x0.dim() != 4:
-        raise ValueError(f"aqclip needs (B, C, H, W) input, got shape {tuple(x0.shape)}")
-    tile, stride = _index(tile, "tile"), _index(stride, "stride")
-    if tile < 1 or stride < 1:
-        raise ValueError(f"tile and stride must be >= 1, got tile={tile}, stride={stride}")
-    if stride > tile:
-        raise ValueError(
-            f"stride ({stride}) must not exceed tile ({tile}), or elements would be left uncovered"
-        )
-    if not (math.isfinite(k_min) and math.isfinite(k_max) and 0 <= k_min <= k_max):
-        raise ValueError(f"need finite 0 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-    _, _, height, width = x0.shape
-    avg_h, blend_h = _axis_matrices(height, tile, stride, x0.device)
-    avg_w, blend_w = _axis_matrices(width, tile, stride, x0.device)
+    tile, stride = _check_tiling(x0, tile, stride, k_min, k_max)
     conf = resize_confidence(confidence, x0)
     x = x0.detach().float()
     scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
     x = x / scale
-    offset = x.mean(dim=(2, 3), keepdim=True)  # centring keeps E[x^2] - E[x]^2 well conditioned
-    xc = x - offset
-    # (n, H) @ (B, C, H, W) @ (W, m): batched products over (B, C); each output row sums one sample's values only
-    mean = avg_h @ xc @ avg_w.T  # (B, C, nh, nw)
-    var = (avg_h @ (xc * xc) @ avg_w.T - mean * mean).clamp_min(0.0)
-    centre = blend_h @ mean @ blend_w.T + offset
-    spread = blend_h @ var.sqrt() @ blend_w.T
-    c = conf if conf is not None else 0.5
-    # Floors relative to the sample (never absolute): flat tiles must not clip rounding noise at any scale.
-    floor = (
-        _FLOOR_REL * x.abs().mean(dim=(2, 3), keepdim=True)
-        + 1e-6 * spread.mean(dim=(1, 2, 3), keepdim=True)
-        + 1e-12
-    )
-    half = (k_min + (k_max - k_min) * c) * spread + floor
-    return centre * scale, half * scale
+    centre, spread = _tile_fields(x, tile, stride)
+    return centre * scale, _half_width(x, spread, conf, k_min, k_max) * scale
+
+
+def conditional_corridor(
+    x0: torch.Tensor,
+    x0_cond: torch.Tensor,
+    confidence: torch.Tensor | None = None,
+    tile: int = 16,
+    stride: int = 8,
+    k_min: float = 2.5,
+    k_max: float = 4.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AQClip's corridor for the guided ``x0`` whose width follows the *conditional* prediction ``x0_cond``.
+
+    Centre: the per-tile mean of the guided ``x0`` (guidance may move a tile's level); half-width:
+    ``(k_min + (k_max - k_min) * c) * std`` with the per-tile std of ``x0_cond``. Guidance extrapolates
+    ``uncond + w (cond - uncond)``, which inflates local contrast by up to ``w``; a corridor sized by the
+    conditional spread cuts that excess where it overshoots and leaves detail the model itself predicts alone.
+    Shapes (B, C, H, W), equal; fp32 out; scale-equivariant like :func:`aqclip_corridor` (one power-of-two scale
+    per sample, taken over both tensors)."""
+    tile, stride = _check_tiling(x0, tile, stride, k_min, k_max)
+    check_latent(x0_cond, "x0_cond", min_dim=4)
+    if x0_cond.shape != x0.shape:
+        raise ValueError(f"x0_cond must have x0's shape {tuple(x0.shape)}, got {tuple(x0_cond.shape)}")
+    conf = resize_confidence(confidence, x0)
+    x, xc = x0.detach().float(), x0_cond.detach().float().to(x0.device)
+    scale = torch.maximum(pow2_scale(x, (1, 2, 3)), pow2_scale(xc, (1, 2, 3)))
+    x, xc = x / scale, xc / scale
+    centre, _ = _tile_fields(x, tile, stride)
+    _, spread = _tile_fields(xc, tile, stride)
+    return centre * scale, _half_width(x, spread, conf, k_min, k_max) * scale
 
 
 def apply_corridor(

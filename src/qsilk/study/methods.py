@@ -18,7 +18,7 @@ from typing import Any
 from qsilk.config import QSilkConfig
 
 BASELINE = "cfg"
-KINDS = ("guider", "scheduler", "x0", "qsilk", "qrm")
+KINDS = ("guider", "scheduler", "x0", "corridor", "qsilk", "qrm")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ def _ref_aqclip(cfg: float):
     return op
 
 
+def _cond_corridor(**params) -> Callable[[float], dict]:
+    # the ConditionalCorridorGuidance arguments; the guider it wraps comes from the method's guider part
+    return lambda cfg: {"k": 2.5, "tile": "auto", "stride": "auto", **params}
+
+
 def _qsilk(**changes) -> Callable[[float], QSilkConfig]:
     return lambda cfg: QSilkConfig().replace(**changes)
 
@@ -156,6 +161,18 @@ PARTS: dict[str, Part] = {
              lambda cfg: {"operator": "reference_micro_clamp", "quantile": 0.001}),  # fmt: skip
         Part("x0", "ref-aqclip", "published AQClip (reference formulas) on the guided x0 per step", _ref_aqclip,
              lambda cfg: {"operator": "reference_aqclip", "tile": "latent/2", "stride": "tile/2"}),  # fmt: skip
+        # issue 8 item 4: the corridor sized by the conditional x0's per-tile spread (a guider wrapper, qsilk.guidance)
+        *(
+            Part("corridor", name, summary, build, build)
+            for name, summary, build in [
+                ("cond-corridor", "guided x0 into tile mean +- 2.5 x the cond x0's tile std (auto tiles)",
+                 _cond_corridor()),
+                ("cond-corridor-k1.5", "cond-corridor with k = 1.5", _cond_corridor(k=1.5)),
+                ("cond-corridor-k3.5", "cond-corridor with k = 3.5", _cond_corridor(k=3.5)),
+                ("cond-corridor-late", "cond-corridor (k = 2.5) in the second half of the steps only",
+                 _cond_corridor(window=(0.5, 1.0))),
+            ]
+        ),
         _qsilk_part("qsilk", "QSilk defaults", _qsilk()),
         _qsilk_part("qsilk-strong", "QSilk strong: q=0.01, k 1.5-3", _qsilk(clamp_quantile=0.01, aqclip_k_min=1.5,
                                                                              aqclip_k_max=3.0)),  # fmt: skip
@@ -213,6 +230,13 @@ class Method:
             from qsilk.baselines import X0OperatorGuidance
 
             guider = X0OperatorGuidance(x0_part.build(cfg), guider=guider, guidance_scale=None if guider else cfg)
+        corridor_part = self.part("corridor")
+        if corridor_part is not None:
+            from qsilk.guidance import ConditionalCorridorGuidance
+
+            guider = ConditionalCorridorGuidance(
+                guider=guider, guidance_scale=None if guider else cfg, **corridor_part.build(cfg)
+            )
         kwargs: dict[str, Any] = {"guider": guider} if guider is not None else {"guidance_scale": cfg}
         original_scheduler = pipe.scheduler
         scheduler_part, qsilk_part, qrm_part = self.part("scheduler"), self.part("qsilk"), self.part("qrm")
