@@ -283,7 +283,7 @@ def test_conditional_corridor_centres_on_the_guided_x0_and_takes_the_conditional
     assert torch.allclose(centre[0].double(), mean, atol=1e-5)
     assert torch.allclose(half[0].double(), 1.5 * sd, atol=1e-4)
     # with the guided x0 as its own condition it is AQClip's corridor exactly
-    for a, b in zip(conditional_corridor(guided, guided, None, 8, 4), aqclip_corridor(guided, None, 8, 4)):
+    for a, b in zip(conditional_corridor(guided, guided, None, 8, 4), aqclip_corridor(guided, None, 8, 4), strict=True):
         assert torch.equal(a, b)
 
 
