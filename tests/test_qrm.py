@@ -70,6 +70,34 @@ def test_zero_delta_bit_identical_and_detach_restores(pipe, kind):
     assert torch.equal(run(pipe), base)
     assert not pipe.transformer._forward_hooks and not pipe.transformer._forward_pre_hooks
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())  # swapped forwards are gone
+
+
+def test_head_linears_reuse_the_baseline_instead_of_recomputing_it(pipe, monkeypatch):
+    """Each adaLN linear reads its weights once per transformer call (for QRM's baseline); the model's own call
+    gets that baseline back, and the images are bit-identical to recomputing it."""
+    from qsilk.qrm.hooks import QRMHandle
+
+    if isinstance(pipe.transformer, PixArtTransformer2DModel):
+        pytest.skip("PixArt's heads are block inputs, not linears: nothing is recomputed")
+    qrm = randomise(QRM(QRMConfig.for_transformer(pipe.transformer, "light")))
+    with monkeypatch.context() as m:
+        m.setattr(QRMHandle, "_swap_forward", lambda self, module, k: None)
+        with attach(pipe, qrm):
+            recomputed = run(pipe)
+    calls: dict[int, int] = {}
+    original = torch.nn.Linear.forward
+
+    def counting(self, input):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return original(self, input)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    with attach(pipe, qrm) as handle:
+        reused = run(pipe)
+        heads = [pipe.transformer.get_submodule(h.name) for h in qrm.config.heads]
+        assert all(calls[id(h)] == handle.calls for h in heads)
+    assert torch.equal(reused, recomputed)
 
 
 def test_head_layouts():

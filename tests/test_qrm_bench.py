@@ -24,6 +24,7 @@ def test_bench_reports_both_kinds_side_by_side(tmp_path, capsys):
         assert row["step_cpu_ms"] > 0
         assert row["qrm_work_ms"] > 0
         assert abs(row["qrm_work_percent"] - 100 * row["qrm_work_ms"] / printed["plain_step_ms"]) < 1e-9
+        assert row["qrm_saved_ms"] > 0 and abs(row["qrm_net_ms"] - (row["qrm_work_ms"] - row["qrm_saved_ms"])) < 1e-9
         expected_cpu = 100 * (row["step_cpu_ms"] / printed["plain_step_cpu_ms"] - 1)
         assert abs(row["overhead_percent_cpu"] - expected_cpu) < 1e-6
     assert printed["light"]["params"] < printed["faithful"]["params"]

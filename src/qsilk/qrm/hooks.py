@@ -5,7 +5,9 @@ the conditioning embedding exists (DiT: each block's own timestep+label embeddin
 the output of ``time_text_embed``; PixArt: the output of ``adaln_single``), every head's baseline vector is
 computed, QRM runs once and the deltas are stored. A forward hook on each head's adaLN ``linear`` then returns
 ``output + delta`` for the rows that get one (PixArt: a pre-hook on each block adds it to the block's
-``timestep`` input). Outside the active window, when disabled or with the QRM's output exactly zero where it
+``timestep`` input). The model's own call of each head linear gets the baseline computed for QRM back instead of
+recomputing it, when its input is exactly (``torch.equal``) the one the baseline came from: reading every adaLN
+weight a second time is what made QRM cost 2-3 % of a DiT-XL step (memory-bound), not QRM itself. Outside the active window, when disabled or with the QRM's output exactly zero where it
 matters, the hooks return None and the model computes exactly what it computes without them; ``detach`` removes
 every hook.
 """
@@ -74,6 +76,8 @@ class QRMHandle:
         self._deltas: list[Tensor] | None = None
         self._mask: Tensor | None = None
         self._ctx: dict | None = None
+        self._reuse: dict[int, tuple[Tensor, Tensor]] = {}  # head -> (input, baseline) of this call
+        self._swapped: list[tuple[nn.Module, object]] = []
         self._warned = False
         self._signature = inspect.signature(transformer.forward)
         self._hooks: list = []
@@ -97,11 +101,39 @@ class QRMHandle:
                 self._hooks.append(module.register_forward_pre_hook(self._block_hook(k), with_kwargs=True))
             else:
                 self._hooks.append(module.register_forward_hook(self._linear_hook(k)))
+                self._swap_forward(module, k)
+
+    def _swap_forward(self, module: nn.Module, k: int) -> None:
+        """Let the head's own call return the stored baseline when its input is the one it was computed from."""
+        previous = module.__dict__.get("forward")  # an instance-level forward someone else installed, or None
+        original = module.forward
+
+        def forward(input, *args, **kwargs):
+            stored = self._reuse.get(k)
+            if stored is not None and not args and not kwargs:
+                seen, baseline = stored
+                if seen.shape == input.shape and seen.dtype == input.dtype and torch.equal(seen, input):
+                    return baseline
+            return original(input, *args, **kwargs)
+
+        module.forward = forward
+        self._swapped.append((module, previous))
+
+    def _remember(self, k: int, input: Tensor, baseline: Tensor) -> Tensor:
+        self._reuse[k] = (input, baseline)
+        return baseline
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for module, previous in reversed(self._swapped):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._swapped.clear()
+        self._reuse = {}
         self._deltas = self._mask = self._ctx = None
         if getattr(self.transformer, _ATTR, None) is self:
             delattr(self.transformer, _ATTR)
@@ -143,6 +175,7 @@ class QRMHandle:
 
     def _on_call(self, module, args, kwargs):
         self._deltas = self._mask = None
+        self._reuse = {}
         self.calls += 1
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         hidden = bound.get("hidden_states")
@@ -164,6 +197,7 @@ class QRMHandle:
 
     def _on_return(self, module, args, output):
         self._deltas = self._mask = self._ctx = None
+        self._reuse = {}
         return None
 
     def _rows_with_delta(self, bound: dict, hidden: Tensor) -> Tensor:
@@ -214,7 +248,7 @@ class QRMHandle:
         dtype = ctx["hidden"].dtype
         baselines = []
         first_emb = None
-        for head in self.heads:
+        for k, head in enumerate(self.heads):
             if head.name == "proj_out_1":
                 emb = first_emb
                 linear = t.proj_out_1
@@ -223,7 +257,8 @@ class QRMHandle:
                 emb = block.norm1.emb(ctx["timestep"], labels, hidden_dtype=dtype)
                 linear = block.norm1.linear
                 first_emb = emb if first_emb is None else first_emb
-            baselines.append(linear(F.silu(emb)))
+            act = F.silu(emb)
+            baselines.append(self._remember(k, act, linear(act)))
         cond = t.transformer_blocks[0].norm1.emb.class_embedder.embedding_table(labels)
         self._run_qrm(baselines, self._timestep_unit(ctx["timestep"]), cond)
 
@@ -231,7 +266,7 @@ class QRMHandle:
         if self._ctx is None:
             return None
         act = F.silu(temb)
-        baselines = [module(act) for module in self._head_modules]
+        baselines = [self._remember(k, act, module(act)) for k, module in enumerate(self._head_modules)]
         pooled = self._ctx["bound"].get("pooled_projections")
         self._run_qrm(baselines, self._timestep_unit(self._ctx["timestep"]), pooled)
         return None
