@@ -73,16 +73,17 @@ def test_zero_delta_bit_identical_and_detach_restores(pipe, kind):
     assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())  # swapped forwards are gone
 
 
-def test_head_linears_reuse_the_baseline_instead_of_recomputing_it(pipe, monkeypatch):
-    """Each adaLN linear reads its weights once per transformer call (for QRM's baseline); the model's own call
-    gets that baseline back, and the images are bit-identical to recomputing it."""
+def test_backbone_reads_no_weight_more_often_than_without_qrm(pipe, monkeypatch):
+    """QRM computes every head's baseline (and DiT's embedders) before the first block; the model's own calls get
+    those results back, so no backbone linear runs more often than without QRM, and the images are bit-identical
+    to recomputing them."""
     from qsilk.qrm.hooks import QRMHandle
 
     if isinstance(pipe.transformer, PixArtTransformer2DModel):
         pytest.skip("PixArt's heads are block inputs, not linears: nothing is recomputed")
     qrm = randomise(QRM(QRMConfig.for_transformer(pipe.transformer, "light")))
     with monkeypatch.context() as m:
-        m.setattr(QRMHandle, "_swap_forward", lambda self, module, k: None)
+        m.setattr(QRMHandle, "_swap_forward", lambda self, module: None)
         with attach(pipe, qrm):
             recomputed = run(pipe)
     calls: dict[int, int] = {}
@@ -93,10 +94,14 @@ def test_head_linears_reuse_the_baseline_instead_of_recomputing_it(pipe, monkeyp
         return original(self, input)
 
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
-    with attach(pipe, qrm) as handle:
+    run(pipe)
+    plain_calls = {id(m): calls.get(id(m), 0) for m in pipe.transformer.modules()}
+    calls.clear()
+    with attach(pipe, qrm):
         reused = run(pipe)
-        heads = [pipe.transformer.get_submodule(h.name) for h in qrm.config.heads]
-        assert all(calls[id(h)] == handle.calls for h in heads)
+    # (DiT's final layer re-runs block 0's embedder; with QRM that one comes from the pre-hook too: fewer calls)
+    assert all(calls.get(key, 0) <= n for key, n in plain_calls.items())
+    assert sum(plain_calls.values()) > 0
     assert torch.equal(reused, recomputed)
 
 

@@ -102,7 +102,8 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
     # QRM's own work, timed alone: the pre-hook that computes every head's baseline and runs the module (what the
     # forward hooks then add is one torch.where per head). Milliseconds against a step of seconds, so on a busy CPU
     # this resolves a 1 % overhead where the difference of two whole-step timings cannot. The model's own head
-    # linears then return those baselines instead of recomputing them: "saved" times that recomputation alone, and
+    # linears (and DiT's embedders) then return those results instead of recomputing them: "saved" times that
+    # recomputation alone, and
     # work - saved is what QRM adds to the step.
     hook_ms, saved_ms = {}, {}
     for kind, qrm in qrms.items():
@@ -114,9 +115,9 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
                 handle._on_call(transformer, (), call_kwargs)
                 samples.append(time.perf_counter() - start)
                 start = time.perf_counter()
-                for k, (act, _) in handle._reuse.items():
-                    module = handle._head_modules[k]
-                    type(module).forward(module, act)
+                for module, _ in handle._swapped:
+                    args, kwargs, _ = handle._reuse[id(module)]
+                    type(module).forward(module, *args, **kwargs)
                 saved.append(time.perf_counter() - start)
         hook_ms[kind] = statistics.median(samples[1:]) * 1e3
         saved_ms[kind] = statistics.median(saved[1:]) * 1e3

@@ -76,7 +76,7 @@ class QRMHandle:
         self._deltas: list[Tensor] | None = None
         self._mask: Tensor | None = None
         self._ctx: dict | None = None
-        self._reuse: dict[int, tuple[Tensor, Tensor]] = {}  # head -> (input, baseline) of this call
+        self._reuse: dict[int, tuple] = {}  # id(module) -> (args, kwargs, output) computed in this call
         self._swapped: list[tuple[nn.Module, object]] = []
         self._warned = False
         self._signature = inspect.signature(transformer.forward)
@@ -101,27 +101,33 @@ class QRMHandle:
                 self._hooks.append(module.register_forward_pre_hook(self._block_hook(k), with_kwargs=True))
             else:
                 self._hooks.append(module.register_forward_hook(self._linear_hook(k)))
-                self._swap_forward(module, k)
+                self._swap_forward(module)
+        if self.family == "dit":  # the pre-hook also runs each block's timestep + label embedder
+            for head in self.heads:
+                if head.name != "proj_out_1":
+                    self._swap_forward(t.transformer_blocks[int(head.name.split(".")[1])].norm1.emb)
 
-    def _swap_forward(self, module: nn.Module, k: int) -> None:
-        """Let the head's own call return the stored baseline when its input is the one it was computed from."""
+    def _swap_forward(self, module: nn.Module) -> None:
+        """Let ``module``'s own call return what the pre-hook computed with it, when called with the same inputs."""
+        if any(m is module for m, _ in self._swapped):
+            return
         previous = module.__dict__.get("forward")  # an instance-level forward someone else installed, or None
         original = module.forward
 
-        def forward(input, *args, **kwargs):
-            stored = self._reuse.get(k)
-            if stored is not None and not args and not kwargs:
-                seen, baseline = stored
-                if seen.shape == input.shape and seen.dtype == input.dtype and torch.equal(seen, input):
-                    return baseline
-            return original(input, *args, **kwargs)
+        def forward(*args, **kwargs):
+            stored = self._reuse.get(id(module))
+            if stored is not None and _same(stored[0], args) and _same(stored[1], kwargs):
+                return stored[2]
+            return original(*args, **kwargs)
 
         module.forward = forward
         self._swapped.append((module, previous))
 
-    def _remember(self, k: int, input: Tensor, baseline: Tensor) -> Tensor:
-        self._reuse[k] = (input, baseline)
-        return baseline
+    def _computed(self, module: nn.Module, *args, **kwargs) -> Tensor:
+        """``module(*args, **kwargs)``, remembered for the model's own call with the same inputs."""
+        out = module(*args, **kwargs)
+        self._reuse[id(module)] = (args, kwargs, out)
+        return out
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -248,17 +254,16 @@ class QRMHandle:
         dtype = ctx["hidden"].dtype
         baselines = []
         first_emb = None
-        for k, head in enumerate(self.heads):
+        for head in self.heads:
             if head.name == "proj_out_1":
                 emb = first_emb
                 linear = t.proj_out_1
             else:
                 block = t.transformer_blocks[int(head.name.split(".")[1])]
-                emb = block.norm1.emb(ctx["timestep"], labels, hidden_dtype=dtype)
+                emb = self._computed(block.norm1.emb, ctx["timestep"], labels, hidden_dtype=dtype)
                 linear = block.norm1.linear
                 first_emb = emb if first_emb is None else first_emb
-            act = F.silu(emb)
-            baselines.append(self._remember(k, act, linear(act)))
+            baselines.append(self._computed(linear, F.silu(emb)))
         cond = t.transformer_blocks[0].norm1.emb.class_embedder.embedding_table(labels)
         self._run_qrm(baselines, self._timestep_unit(ctx["timestep"]), cond)
 
@@ -266,7 +271,7 @@ class QRMHandle:
         if self._ctx is None:
             return None
         act = F.silu(temb)
-        baselines = [self._remember(k, act, module(act)) for k, module in enumerate(self._head_modules)]
+        baselines = [self._computed(module, act) for module in self._head_modules]
         pooled = self._ctx["bound"].get("pooled_projections")
         self._run_qrm(baselines, self._timestep_unit(self._ctx["timestep"]), pooled)
         return None
@@ -324,6 +329,24 @@ class QRMHandle:
             raise RuntimeError("QRM: could not find the PixArt block's timestep argument")
 
         return hook
+
+
+def _same(a, b) -> bool:
+    """Exactly the same call inputs: tensors equal in shape, dtype and every value; anything else by ``==``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
 
 
 def attach(
