@@ -281,7 +281,8 @@ def test_conditional_corridor_centres_on_the_guided_x0_and_takes_the_conditional
     mean, _ = explicit_tile_fields(guided, 8, 4)
     _, sd = explicit_tile_fields(cond, 8, 4)
     assert torch.allclose(centre[0].double(), mean, atol=1e-5)
-    assert torch.allclose(half[0].double(), 1.5 * sd, atol=1e-4)
+    # (+ the relative floor, 1e-4 x mean |x0| ~ 2.6e-4 here; the guided x0's own std is 3x the conditional one)
+    assert torch.allclose(half[0].double(), 1.5 * sd, atol=1e-3)
     # with the guided x0 as its own condition it is AQClip's corridor exactly
     for a, b in zip(conditional_corridor(guided, guided, None, 8, 4), aqclip_corridor(guided, None, 8, 4), strict=True):
         assert torch.equal(a, b)
