@@ -254,7 +254,6 @@ def _corner_figures(study: Study, results: dict, folder: Path) -> list[tuple[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     corner = worst_corner(results)
     if corner is None:
@@ -268,8 +267,18 @@ def _corner_figures(study: Study, results: dict, folder: Path) -> list[tuple[str
         row = np.concatenate([img.permute(1, 2, 0).numpy() for img in images], axis=1)
         tiles.append(row if row.shape[-1] == 3 else np.repeat(row[..., :1], 3, axis=-1))
     grid = np.concatenate(tiles, axis=0)
-    scale = 2
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(folder / "corner-grid.png")
+    # one labelled row per method (same seeds in every column), at 2 screen pixels per image pixel
+    height, width = grid.shape[:2]
+    image_w, image_h, margin_left, margin_top = width / 50, height / 50, 1.6, 0.4  # inches at dpi 100
+    fig = plt.figure(figsize=(image_w + margin_left, image_h + margin_top), dpi=100)
+    ax = fig.add_axes((margin_left / (image_w + margin_left), 0.0, image_w / (image_w + margin_left), image_h / (image_h + margin_top)))
+    ax.imshow(grid, interpolation="nearest")
+    row_height = height / len(cells)
+    ax.set_yticks([row_height * (k + 0.5) for k in range(len(cells))], [c.method for c in cells], fontsize=9)
+    ax.set_xticks([])
+    ax.set_title(f"{corner[1]} steps, CFG {corner[2]:g}: seeds {study.spec.seed_base}+ (columns), one method per row", fontsize=9)
+    _savefig(fig, folder / "corner-grid.png")
+    plt.close(fig)
     labels = " / ".join(c.method for c in cells)
     out.append((f"worst corner {corner[0]}, {corner[1]} steps, CFG {corner[2]:g}; rows: {labels}", "corner-grid.png"))
     if "spectral" in study.spec.metrics:
