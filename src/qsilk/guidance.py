@@ -38,7 +38,7 @@ class ConditionalCorridorGuidance(X0OperatorGuidance):
         softness: float = 0.25,
         window: tuple[float, float] = (0.0, 1.0),
     ):
-        super().__init__(self._clip, guider=guider, guidance_scale=guidance_scale)
+        super().__init__(lambda guided: guided, guider=guider, guidance_scale=guidance_scale)
         if not k > 0:
             raise ValueError(f"k must be > 0, got {k!r}")
         if softness < 0:
@@ -48,7 +48,6 @@ class ConditionalCorridorGuidance(X0OperatorGuidance):
             raise ValueError(f"window must be 0 <= start < stop <= 1, got {window!r}")
         self.k, self.tile, self.stride = float(k), tile, stride
         self.softness, self.window = float(softness), (float(start), float(stop))
-        self._cond: Tensor | None = None
 
     def _active(self) -> bool:
         if self._step is None or not self._num_inference_steps:
@@ -56,17 +55,13 @@ class ConditionalCorridorGuidance(X0OperatorGuidance):
         progress = self._step / self._num_inference_steps
         return self.window[0] <= progress < self.window[1]
 
-    def _clip(self, guided: Tensor) -> Tensor:
-        cond, self._cond = self._cond, None
-        if cond is None or not self._active():
+    def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None) -> Tensor:
+        guided = super().forward(pred_cond, pred_uncond)
+        if pred_uncond is None or not self._active():
             return guided
         tile, stride = resolve_tile(self.tile, self.stride, *guided.shape[-2:])
-        centre, half = conditional_corridor(guided, cond, None, tile, stride, self.k, self.k)
+        centre, half = conditional_corridor(guided, pred_cond, None, tile, stride, self.k, self.k)
         return apply_corridor(guided, centre, half, self.softness)
-
-    def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None) -> Tensor:
-        self._cond = pred_cond if pred_uncond is not None else None
-        return super().forward(pred_cond, pred_uncond)
 
     def to_dict(self) -> dict[str, Any]:
         inner = self.guider.to_dict() if hasattr(self.guider, "to_dict") else {"class": type(self.guider).__name__}

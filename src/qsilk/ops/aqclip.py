@@ -157,13 +157,7 @@ def aqclip_corridor(
     per-sample channel means, products that never mix samples). Statistics are taken on ``x0 / s`` with ``s`` a
     per-sample power of two near max|x0|, so the corridor is exactly equivariant under power-of-two scaling and
     neither over- nor underflows for any finite input."""
-    tile, stride = _check_tiling(x0, tile, stride, k_min, k_max)
-    conf = resize_confidence(confidence, x0)
-    x = x0.detach().float()
-    scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
-    x = x / scale
-    centre, spread = _tile_fields(x, tile, stride)
-    return centre * scale, _half_width(x, spread, conf, k_min, k_max) * scale
+    return _corridor(x0, None, confidence, tile, stride, k_min, k_max)
 
 
 def conditional_corridor(
@@ -183,16 +177,28 @@ def conditional_corridor(
     conditional spread cuts that excess where it overshoots and leaves detail the model itself predicts alone.
     Shapes (B, C, H, W), equal; fp32 out; scale-equivariant like :func:`aqclip_corridor` (one power-of-two scale
     per sample, taken over both tensors)."""
-    tile, stride = _check_tiling(x0, tile, stride, k_min, k_max)
     check_latent(x0_cond, "x0_cond", min_dim=4)
     if x0_cond.shape != x0.shape:
         raise ValueError(f"x0_cond must have x0's shape {tuple(x0.shape)}, got {tuple(x0_cond.shape)}")
+    return _corridor(x0, x0_cond, confidence, tile, stride, k_min, k_max)
+
+
+def _corridor(x0, spread_source, confidence, tile, stride, k_min, k_max) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centre, half-width): centre from ``x0``'s tiles, spread from ``spread_source``'s (None: ``x0`` itself, computed
+    once), on one power-of-two scale per sample taken over both."""
+    tile, stride = _check_tiling(x0, tile, stride, k_min, k_max)
     conf = resize_confidence(confidence, x0)
-    x, xc = x0.detach().float(), x0_cond.detach().float().to(x0.device)
-    scale = torch.maximum(pow2_scale(x, (1, 2, 3)), pow2_scale(xc, (1, 2, 3)))
-    x, xc = x / scale, xc / scale
-    centre, _ = _tile_fields(x, tile, stride)
-    _, spread = _tile_fields(xc, tile, stride)
+    x = x0.detach().float()
+    scale = pow2_scale(x, (1, 2, 3))  # (B, 1, 1, 1)
+    if spread_source is None:
+        x = x / scale
+        centre, spread = _tile_fields(x, tile, stride)
+    else:
+        source = spread_source.detach().float().to(x0.device)
+        scale = torch.maximum(scale, pow2_scale(source, (1, 2, 3)))
+        x = x / scale
+        centre, _ = _tile_fields(x, tile, stride)
+        _, spread = _tile_fields(source / scale, tile, stride)
     return centre * scale, _half_width(x, spread, conf, k_min, k_max) * scale
 
 

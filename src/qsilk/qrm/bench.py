@@ -103,8 +103,7 @@ def bench(model: str, repeats: int, batch: int = 1, kinds=("light", "faithful"))
     # forward hooks then add is one torch.where per head). Milliseconds against a step of seconds, so on a busy CPU
     # this resolves a 1 % overhead where the difference of two whole-step timings cannot. The model's own head
     # linears (and DiT's embedders) then return those results instead of recomputing them: "saved" times that
-    # recomputation alone, and
-    # work - saved is what QRM adds to the step.
+    # recomputation alone, and work - saved is what QRM adds to the step.
     hook_ms, saved_ms = {}, {}
     for kind, qrm in qrms.items():
         call_kwargs = {"hidden_states": x, "timestep": t, "class_labels": labels}

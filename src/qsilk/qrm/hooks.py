@@ -5,9 +5,10 @@ the conditioning embedding exists (DiT: each block's own timestep+label embeddin
 the output of ``time_text_embed``; PixArt: the output of ``adaln_single``), every head's baseline vector is
 computed, QRM runs once and the deltas are stored. A forward hook on each head's adaLN ``linear`` then returns
 ``output + delta`` for the rows that get one (PixArt: a pre-hook on each block adds it to the block's
-``timestep`` input). The model's own call of each head linear gets the baseline computed for QRM back instead of
-recomputing it, when its input is exactly (``torch.equal``) the one the baseline came from: reading every adaLN
-weight a second time is what made QRM cost 2-3 % of a DiT-XL step (memory-bound), not QRM itself. Outside the active window, when disabled or with the QRM's output exactly zero where it
+``timestep`` input). The model's own call of each head linear (and of DiT's per-block embedders) gets the result
+computed for QRM back instead of recomputing it, when its inputs are exactly (``torch.equal``) the ones it came
+from: reading every adaLN weight a second time is what made QRM cost 2-3 % of a DiT-XL step (memory-bound), not
+QRM itself. Outside the active window, when disabled or with the QRM's output exactly zero where it
 matters, the hooks return None and the model computes exactly what it computes without them; ``detach`` removes
 every hook.
 """
