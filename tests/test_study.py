@@ -216,6 +216,41 @@ def test_tiny_study_writes_results_and_report(finished):
         assert (finished / "report" / name).stat().st_size > 1000
 
 
+def test_tradeoff_points_are_each_methods_rows(finished):
+    from qsilk.study.report import tradeoff_points
+
+    results = json.loads((finished / "results.json").read_text())
+    points = tradeoff_points(results)
+    assert set(points) == {("dpm", 2, 4.0), ("dpm", 6, 4.0)}
+    for (scheduler, steps, cfg), (y_key, pts) in points.items():
+        assert y_key == "fd_pool"  # no FID measured: the first Frechet key
+        rows = {(r["method"], r["key"]): r for r in results["comparisons"] if (r["steps"], r["cfg"]) == (steps, cfg)}
+        assert [p["method"] for p in pts] == ["cfg-guider", "cfg-guider+qsilk-strong", "qsilk-strong"]
+        for p in pts:
+            for axis, key in (("x", "spectral_hf_gap"), ("y", "fd_pool")):
+                r = rows[(p["method"], key)]
+                assert (p[axis], p[f"{axis}_lo"], p[f"{axis}_hi"]) == (r["delta"], r["ci_low"], r["ci_high"])
+        name = f"tradeoff-{scheduler}-s{steps}-cfg{cfg:g}.png"
+        assert (finished / "report" / name).stat().st_size > 1000
+        assert name in (finished / "report" / "index.html").read_text()
+
+
+def test_tradeoff_points_prefer_fid_and_need_the_hf_gap():
+    from qsilk.study.report import tradeoff_points
+
+    def row(method, key, delta, steps=4):
+        return {"scheduler": "dpm", "steps": steps, "cfg": 6.0, "method": method, "key": key, "delta": delta,
+                "ci_low": delta - 1, "ci_high": delta + 1, "excludes_zero": abs(delta) > 1}  # fmt: skip
+
+    rows = [row("a", "fid", -3.0), row("a", "fd_x", 2.0), row("a", "spectral_hf_gap", 0.5), row("b", "fid", 1.0),
+            row("a", "fid", 1.0, steps=8)]  # fmt: skip
+    points = tradeoff_points({"comparisons": rows})
+    assert list(points) == [("dpm", 4, 6.0)]  # 8 steps has no HF gap
+    y_key, pts = points[("dpm", 4, 6.0)]
+    assert y_key == "fid" and [p["method"] for p in pts] == ["a"]  # b has no HF gap
+    assert (pts[0]["x"], pts[0]["y"], pts[0]["y_lo"], pts[0]["sig"]) == (0.5, -3.0, -4.0, (False, True))
+
+
 def test_markdown_tables_of_a_finished_study(finished, capsys):
     from qsilk.study.__main__ import main
 

@@ -1,5 +1,6 @@
 """Results of a study folder: results.json / results.csv (every number), timings.json, and report/index.html
-(metric deltas vs steps per CFG with CI bands, spectra and an image grid of the worst corner, tables)."""
+(metric deltas vs steps per CFG with CI bands, FID against the high-frequency gap per cell, spectra and an image
+grid of the worst corner, tables)."""
 
 from __future__ import annotations
 
@@ -242,6 +243,74 @@ def _delta_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+TRADEOFF_X = "spectral_hf_gap"
+
+
+def tradeoff_points(results: dict) -> dict[tuple[str, int, float], tuple[str, list[dict[str, Any]]]]:
+    """Per (scheduler, steps, cfg): every method's difference to plain CFG in the signed HF gap (x) and in FID, or
+    the first Frechet key measured when FID is not (y), with their intervals. Judging both at once tells a win by
+    sharpening from a win by smoothing. Returns {group: (y key, [{method, x, x_lo, x_hi, y, y_lo, y_hi, sig}])}."""
+    by_group: dict[tuple, dict[str, dict[str, dict]]] = {}
+    for r in results["comparisons"]:
+        by_group.setdefault((r["scheduler"], r["steps"], r["cfg"]), {}).setdefault(r["method"], {})[r["key"]] = r
+    out = {}
+    for group, methods in sorted(by_group.items()):
+        keys = {k for rows in methods.values() for k in rows}
+        y_key = "fid" if "fid" in keys else next((k for k in sorted(keys) if k.startswith("fd")), None)
+        if y_key is None or TRADEOFF_X not in keys:
+            continue
+        points = []
+        for method, rows in sorted(methods.items()):
+            x, y = rows.get(TRADEOFF_X), rows.get(y_key)
+            values = [] if x is None or y is None else [r[f] for r in (x, y) for f in ("delta", "ci_low", "ci_high")]
+            if not values or any(v is None for v in values):
+                continue
+            names = [f"{a}{b}" for a in ("x", "y") for b in ("", "_lo", "_hi")]
+            points.append({"method": method, **dict(zip(names, values, strict=True)), "sig": (x["excludes_zero"], y["excludes_zero"])})
+        if points:
+            out[group] = (y_key, points)
+    return out
+
+
+def _tradeoff_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    base = {(c["scheduler"], c["steps"], c["cfg"]): c["scores"] for c in results["cells"] if c["method"] == BASELINE}
+    out = []
+    for (scheduler, steps, cfg), (y_key, points) in tradeoff_points(results).items():
+        gap = next((v for k, v in base.get((scheduler, steps, cfg), {}).items() if k.endswith("." + TRADEOFF_X)), None)
+        fig, ax = plt.subplots(figsize=(7.5, 5.0))
+        for p in points:
+            strong = any(p["sig"])
+            ax.errorbar(p["x"], p["y"], xerr=[[p["x"] - p["x_lo"]], [p["x_hi"] - p["x"]]],
+                        yerr=[[p["y"] - p["y_lo"]], [p["y_hi"] - p["y"]]], fmt="o", ms=4, capsize=2, lw=0.8,
+                        alpha=1.0 if strong else 0.45)  # fmt: skip
+            below = "+" in p["method"]  # a composition sits on its guider's point: label it underneath
+            ax.annotate(p["method"], (p["x"], p["y"]), xytext=(4, -9 if below else 3), textcoords="offset points", fontsize=7)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(0, color="k", lw=0.8)
+        spread = max(abs(v) for p in points for v in (p["y_lo"], p["y_hi"]))
+        if spread > 20:  # one method 50 FID away would squeeze every other point onto the axis
+            ax.set_yscale("symlog", linthresh=1.0)
+        if gap is not None and gap < 0:  # plain CFG lacks high frequencies: more HF power is sharper, not noisier
+            under_zero = blended_transform_factory(ax.transAxes, ax.transData)
+            ax.text(0.99, 0, "better and sharper", transform=under_zero, ha="right", va="top", fontsize=8, color="green")
+            ax.text(0.01, 0, "better by smoothing", transform=under_zero, va="top", fontsize=8, color="darkorange")
+        where = "" if gap is None else f" (plain CFG: {gap:+.3f})"
+        ax.set_xlabel(f"delta {TRADEOFF_X}{where}; + = more high-frequency power")
+        ax.set_ylabel(f"delta {y_key} vs plain CFG (lower is better)")
+        ax.set_title(f"{steps} steps, CFG {cfg:g} ({scheduler}): {results['ci']:.0%} CIs, faded = neither excludes 0", fontsize=9)
+        name = f"tradeoff-{scheduler}-s{steps}-cfg{cfg:g}.png"
+        _savefig(fig, folder / name)
+        plt.close(fig)
+        out.append((f"{y_key} vs high-frequency gap, {steps} steps, CFG {cfg:g} ({scheduler})", name))
+    return out
+
+
 def worst_corner(results: dict) -> tuple[str, int, float] | None:
     groups = {(c["scheduler"], c["steps"], c["cfg"]) for c in results["cells"]}
     if not groups:
@@ -334,7 +403,7 @@ def write_report(study: Study, results: dict, timings: dict[str, float]) -> Path
 
     folder = study.out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    figures = _delta_plots(results, folder) + _corner_figures(study, results, folder)
+    figures = _delta_plots(results, folder) + _tradeoff_plots(results, folder) + _corner_figures(study, results, folder)
     spec = results["study"]
     head = (
         f"<p>n = {results['n']} paired samples per cell (seeds {spec['seed_base']}..{spec['seed_base'] + results['n'] - 1}, "
@@ -357,4 +426,4 @@ table{{border-collapse:collapse;margin:8px 0}} .sig{{background:#ffe9a8}} img{{m
     return folder / "index.html"
 
 
-__all__ = ["HEADLINE", "collect", "markdown", "to_csv", "worst_corner", "write_outputs", "write_report"]
+__all__ = ["HEADLINE", "collect", "markdown", "to_csv", "tradeoff_points", "worst_corner", "write_outputs", "write_report"]
