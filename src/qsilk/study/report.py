@@ -284,17 +284,27 @@ def _tradeoff_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
     for (scheduler, steps, cfg), (y_key, points) in tradeoff_points(results).items():
         gap = next((v for k, v in base.get((scheduler, steps, cfg), {}).items() if k.endswith("." + TRADEOFF_X)), None)
         fig, ax = plt.subplots(figsize=(7.5, 5.0))
+        spread = max(abs(v) for p in points for v in (p["y_lo"], p["y_hi"]))
+        symlog = spread > 20  # one method 50 FID away would squeeze every other point onto the axis
+        x_span = max(abs(v) for p in points for v in (p["x_lo"], p["x_hi"]))
+        # points that sit on the origin at this scale share one label instead of printing over each other
+        near = [p["method"] for p in points if abs(p["x"]) < 0.03 * x_span and abs(p["y"]) < (0.1 if symlog else 0.03 * spread)]
         for p in points:
             strong = any(p["sig"])
             ax.errorbar(p["x"], p["y"], xerr=[[p["x"] - p["x_lo"]], [p["x_hi"] - p["x"]]],
                         yerr=[[p["y"] - p["y_lo"]], [p["y_hi"] - p["y"]]], fmt="o", ms=4, capsize=2, lw=0.8,
                         alpha=1.0 if strong else 0.45)  # fmt: skip
+            if len(near) > 1 and p["method"] in near:
+                continue
             below = "+" in p["method"]  # a composition sits on its guider's point: label it underneath
             ax.annotate(p["method"], (p["x"], p["y"]), xytext=(4, -9 if below else 3), textcoords="offset points", fontsize=7)
+        if len(near) > 1:
+            names = "\n".join(", ".join(near[i : i + 3]) for i in range(0, len(near), 3))
+            ax.annotate(f"at ~0:\n{names}", (0, 0), xytext=(8, 14), textcoords="offset points", fontsize=7,
+                        bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"}, arrowprops={"arrowstyle": "-", "color": "0.5"})  # fmt: skip
         ax.axhline(0, color="k", lw=0.8)
         ax.axvline(0, color="k", lw=0.8)
-        spread = max(abs(v) for p in points for v in (p["y_lo"], p["y_hi"]))
-        if spread > 20:  # one method 50 FID away would squeeze every other point onto the axis
+        if symlog:
             ax.set_yscale("symlog", linthresh=1.0)
         if gap is not None and gap < 0:  # plain CFG lacks high frequencies: more HF power is sharper, not noisier
             under_zero = blended_transform_factory(ax.transAxes, ax.transData)
