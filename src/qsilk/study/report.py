@@ -298,14 +298,18 @@ def _tradeoff_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
                 continue
             below = "+" in p["method"]  # a composition sits on its guider's point: label it underneath
             ax.annotate(p["method"], (p["x"], p["y"]), xytext=(4, -9 if below else 3), textcoords="offset points", fontsize=7)
-        if len(near) > 1:
-            names = "\n".join(", ".join(near[i : i + 3]) for i in range(0, len(near), 3))
-            ax.annotate(f"at ~0:\n{names}", (0, 0), xytext=(8, 14), textcoords="offset points", fontsize=7,
-                        bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"}, arrowprops={"arrowstyle": "-", "color": "0.5"})  # fmt: skip
         ax.axhline(0, color="k", lw=0.8)
         ax.axvline(0, color="k", lw=0.8)
         if symlog:
             ax.set_yscale("symlog", linthresh=1.0)
+        if len(near) > 1:  # the shared label goes on the wider side of the origin, inside the axes
+            names = "\n".join(", ".join(near[i : i + 3]) for i in range(0, len(near), 3))
+            ax.autoscale_view()
+            ox, oy = ax.transAxes.inverted().transform(ax.transData.transform((0.0, 0.0)))
+            right = ox < 0.5
+            ax.annotate(f"at ~0:\n{names}", (0, 0), xytext=(ox + (0.08 if right else -0.08), oy + 0.12),
+                        textcoords="axes fraction", ha="left" if right else "right", fontsize=7,
+                        bbox={"boxstyle": "round", "fc": "white", "ec": "0.7"}, arrowprops={"arrowstyle": "-", "color": "0.5"})  # fmt: skip
         if gap is not None and gap < 0:  # plain CFG lacks high frequencies: more HF power is sharper, not noisier
             under_zero = blended_transform_factory(ax.transAxes, ax.transData)
             ax.text(0.99, 0, "better and sharper", transform=under_zero, ha="right", va="top", fontsize=8, color="green")
