@@ -113,7 +113,7 @@ class X0OperatorGuidance(_GuiderState):
 
     prediction_space = "x0"
 
-    def __init__(self, operator: Callable[[Tensor], Tensor], guider=None, guidance_scale: float | None = None):
+    def __init__(self, operator: Callable[[Tensor], Tensor] | None, guider=None, guidance_scale: float | None = None):
         super().__init__()
         if guider is None:
             if guidance_scale is None:
@@ -140,6 +140,11 @@ class X0OperatorGuidance(_GuiderState):
     def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None) -> Tensor:
         result = self.guider.forward(pred_cond, pred_uncond)
         guided = result.pred if hasattr(result, "pred") else result
+        return self.operate(guided, pred_cond, pred_uncond)
+
+    def operate(self, guided: Tensor, pred_cond: Tensor, pred_uncond: Tensor | None) -> Tensor:
+        """The x0 step after guidance: ``operator(guided)``. A subclass that needs the branches overrides this
+        (and passes ``operator=None``)."""
         return self.operator(guided)
 
 

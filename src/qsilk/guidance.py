@@ -38,7 +38,7 @@ class ConditionalCorridorGuidance(X0OperatorGuidance):
         softness: float = 0.25,
         window: tuple[float, float] = (0.0, 1.0),
     ):
-        super().__init__(lambda guided: guided, guider=guider, guidance_scale=guidance_scale)
+        super().__init__(None, guider=guider, guidance_scale=guidance_scale)
         if not k > 0:
             raise ValueError(f"k must be > 0, got {k!r}")
         if softness < 0:
@@ -55,8 +55,7 @@ class ConditionalCorridorGuidance(X0OperatorGuidance):
         progress = self._step / self._num_inference_steps
         return self.window[0] <= progress < self.window[1]
 
-    def forward(self, pred_cond: Tensor, pred_uncond: Tensor | None = None) -> Tensor:
-        guided = super().forward(pred_cond, pred_uncond)
+    def operate(self, guided: Tensor, pred_cond: Tensor, pred_uncond: Tensor | None) -> Tensor:
         if pred_uncond is None or not self._active():
             return guided
         tile, stride = resolve_tile(self.tile, self.stride, *guided.shape[-2:])

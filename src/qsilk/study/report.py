@@ -243,6 +243,11 @@ def _delta_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _baseline_scores(results: dict) -> dict[tuple[str, int, float], dict[str, float]]:
+    """Plain CFG's scores per (scheduler, steps, cfg)."""
+    return {(c["scheduler"], c["steps"], c["cfg"]): c["scores"] for c in results["cells"] if c["method"] == BASELINE}
+
+
 TRADEOFF_X = "spectral_hf_gap"
 
 
@@ -262,11 +267,13 @@ def tradeoff_points(results: dict) -> dict[tuple[str, int, float], tuple[str, li
         points = []
         for method, rows in sorted(methods.items()):
             x, y = rows.get(TRADEOFF_X), rows.get(y_key)
-            values = [] if x is None or y is None else [r[f] for r in (x, y) for f in ("delta", "ci_low", "ci_high")]
-            if not values or any(v is None for v in values):
+            if x is None or y is None:
                 continue
-            names = [f"{a}{b}" for a in ("x", "y") for b in ("", "_lo", "_hi")]
-            points.append({"method": method, **dict(zip(names, values, strict=True)), "sig": (x["excludes_zero"], y["excludes_zero"])})
+            point = {"method": method, "sig": (x["excludes_zero"], y["excludes_zero"])}
+            for axis, r in (("x", x), ("y", y)):
+                point |= {axis: r["delta"], f"{axis}_lo": r["ci_low"], f"{axis}_hi": r["ci_high"]}
+            if None not in point.values():
+                points.append(point)
         if points:
             out[group] = (y_key, points)
     return out
@@ -279,7 +286,7 @@ def _tradeoff_plots(results: dict, folder: Path) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
 
-    base = {(c["scheduler"], c["steps"], c["cfg"]): c["scores"] for c in results["cells"] if c["method"] == BASELINE}
+    base = _baseline_scores(results)
     out = []
     for (scheduler, steps, cfg), (y_key, points) in tradeoff_points(results).items():
         gap = next((v for k, v in base.get((scheduler, steps, cfg), {}).items() if k.endswith("." + TRADEOFF_X)), None)
@@ -390,7 +397,7 @@ def _table(results: dict) -> str:
         return "<p>No comparisons yet.</p>"
     lines = ["<table><tr><th>scheduler</th><th>steps</th><th>CFG</th><th>method</th>"
              + "".join(f"<th>&Delta; {html.escape(k)}</th>" for k in keys) + "</tr>"]  # fmt: skip
-    base = {(c["scheduler"], c["steps"], c["cfg"]): c["scores"] for c in results["cells"] if c["method"] == BASELINE}
+    base = _baseline_scores(results)
     by_cell: dict[tuple, dict] = {}
     for r in rows:
         by_cell.setdefault((r["scheduler"], r["steps"], r["cfg"], r["method"]), {})[r["key"]] = r
